@@ -1,0 +1,172 @@
+"""Pure-PyTorch references of every fused op: the test oracle and the path that runs without Triton.
+
+Each function here has the same signature and semantics as its fused counterpart in
+:mod:`fastgen.functional`. They are written for clarity, from PyTorch's own operators, and import
+nothing but torch. Input validation lives in :mod:`fastgen.functional`, before the backend is
+chosen, so both paths see the same checks.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "tanh", "sigmoid")
+REDUCTIONS = ("none", "mean", "sum", "per_sample")
+
+
+class DLossOutput(NamedTuple):
+    """Discriminator loss and the logging statistics computed with it.
+
+    loss: 0-dim tensor in the logits' dtype. d_real, d_fake: 0-dim float32 tensors, the means of
+    D(x) = sigmoid(real_logits) and D(G(z)) = sigmoid(fake_logits); they carry no gradient.
+    """
+
+    loss: Tensor
+    d_real: Tensor
+    d_fake: Tensor
+
+
+class GLossOutput(NamedTuple):
+    """Generator loss (0-dim, the logits' dtype) and the mean of D(G(z)) (0-dim float32, no gradient)."""
+
+    loss: Tensor
+    d_fake: Tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# BCE / GAN losses
+
+
+def bce_with_logits(logits: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor:
+    """Binary cross-entropy on logits: ``softplus(x) - t * x`` per element, stable for any finite x.
+
+    Args:
+        logits: any shape, floating dtype.
+        target: same shape as ``logits``, values in [0, 1], floating dtype.
+        reduction: "none" (elementwise, ``logits``' shape), "mean" or "sum" (0-dim), or
+            "per_sample" (sum over all dimensions but the first: shape ``(B,)``, the negative
+            log-likelihood of a Bernoulli decoder per sample).
+
+    Returns:
+        The loss in ``logits``' dtype.
+    """
+    if reduction == "per_sample":
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).sum(1)
+    return F.binary_cross_entropy_with_logits(logits, target, reduction=reduction)
+
+
+def gan_d_loss(real_logits: Tensor, fake_logits: Tensor, *, label_smoothing: float = 0.0) -> DLossOutput:
+    """Discriminator loss of the minimax GAN: ``-mean log D(x) - mean log(1 - D(G(z)))``.
+
+    With one-sided label smoothing s the real targets are ``1 - s`` (fake targets stay 0).
+
+    Args:
+        real_logits: D's logits on real data, any non-empty shape (typically ``(B,)`` or ``(B, 1)``).
+        fake_logits: D's logits on generated data, any non-empty shape; its size may differ from
+            ``real_logits``'; each term is a mean over its own elements.
+        label_smoothing: s in [0, 1).
+    """
+    real_target = torch.full_like(real_logits, 1.0 - label_smoothing)
+    loss = (F.binary_cross_entropy_with_logits(real_logits, real_target)
+            + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+    with torch.no_grad():
+        d_real = torch.sigmoid(real_logits.float()).mean()
+        d_fake = torch.sigmoid(fake_logits.float()).mean()
+    return DLossOutput(loss, d_real, d_fake)
+
+
+def gan_g_loss(fake_logits: Tensor, *, saturating: bool = False) -> GLossOutput:
+    """Generator loss on D's logits for generated data.
+
+    ``saturating=False`` (non-saturating, the usual choice): ``-mean log D(G(z))``.
+    ``saturating=True`` (the original minimax form): ``mean log(1 - D(G(z)))``, which G minimizes.
+    """
+    if saturating:
+        loss = -F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+    else:
+        loss = F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+    with torch.no_grad():
+        d_fake = torch.sigmoid(fake_logits.float()).mean()
+    return GLossOutput(loss, d_fake)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reparameterization
+
+
+def reparameterize(mu: Tensor, logvar: Tensor, *, samples: int = 1,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Draw ``z = mu + exp(0.5 * logvar) * eps`` with ``eps ~ N(0, I)``, and the KL term to N(0, I).
+
+    Args:
+        mu, logvar: ``(B, D)``, floating dtype.
+        samples: draws per input row; ``samples > 1`` adds a leading dimension (IWAE).
+        generator: the torch generator eps is drawn from (the default one when None).
+
+    Returns:
+        z: ``(B, D)``, or ``(samples, B, D)`` when ``samples > 1``, in ``mu``'s dtype.
+        kl: ``(B,)``, ``KL(N(mu, diag(exp(logvar))) || N(0, I))
+            = 0.5 * sum_j (mu_j^2 + exp(logvar_j) - 1 - logvar_j)``.
+    """
+    shape = (samples, *mu.shape) if samples > 1 else mu.shape
+    eps = torch.randn(shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    z = mu + torch.exp(0.5 * logvar) * eps
+    kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(dim=-1)
+    return z, kl
+
+
+# ----------------------------------------------------------------------------------------------
+# Conv + BatchNorm + activation
+
+
+def activate(x: Tensor, activation: str, negative_slope: float = 0.2) -> Tensor:
+    """Apply one of :data:`ACTIVATIONS` ("leaky_relu" uses ``negative_slope``)."""
+    if activation == "identity":
+        return x
+    if activation == "relu":
+        return F.relu(x)
+    if activation == "leaky_relu":
+        return F.leaky_relu(x, negative_slope)
+    if activation == "tanh":
+        return torch.tanh(x)
+    if activation == "sigmoid":
+        return torch.sigmoid(x)
+    raise ValueError(f"activation: expected one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+
+
+def conv_bn_act(x: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
+                running_mean: Tensor | None, running_var: Tensor | None, *,
+                stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
+                output_padding: int | tuple[int, int] = 0, transposed: bool = False,
+                training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
+                activation: str = "relu", negative_slope: float = 0.2) -> Tensor:
+    """Conv2d (or ConvTranspose2d), no bias, then BatchNorm2d, then an activation.
+
+    The same numbers as ``nn.Sequential(nn.Conv2d(..., bias=False) or nn.ConvTranspose2d(...,
+    bias=False), nn.BatchNorm2d(C_out), act)``, including the running-statistics update in
+    training mode (in place on ``running_mean``/``running_var``, momentum, unbiased variance).
+
+    Args:
+        x: ``(N, C_in, H, W)``.
+        weight: ``(C_out, C_in, kH, kW)`` for a conv, ``(C_in, C_out, kH, kW)`` when ``transposed``
+            (PyTorch's layouts).
+        bn_weight, bn_bias: ``(C_out,)`` BN affine parameters, or None for no affine transform.
+        running_mean, running_var: ``(C_out,)`` float buffers, or None to use batch statistics only.
+        output_padding: only for ``transposed``.
+        activation: one of :data:`ACTIVATIONS`.
+
+    Returns:
+        ``(N, C_out, H_out, W_out)`` in ``x``'s dtype.
+    """
+    if transposed:
+        y = F.conv_transpose2d(x, weight, None, stride, padding, output_padding)
+    else:
+        if output_padding not in (0, (0, 0)):
+            raise ValueError(f"output_padding: only a transposed conv takes it, got {output_padding!r}")
+        y = F.conv2d(x, weight, None, stride, padding)
+    y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    return activate(y, activation, negative_slope)

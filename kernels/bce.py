@@ -1,0 +1,217 @@
+"""Fused binary cross-entropy with logits and GAN losses: loss and gradient in one pass.
+
+For a logit x and a target t in [0, 1], with e = exp(-|x|) in (0, 1]:
+
+    loss(x, t) = softplus(x) - t * x       = max(x, 0) - t * x + log1p(e)
+    dloss/dx   = sigmoid(x) - t,  sigmoid(x) = 1 / (1 + e) if x >= 0 else e / (1 + e)
+
+Nothing exponentiates a positive number, so loss and gradient are finite for any finite x
+(+-1e4 included). The GAN losses are BCE with constant targets and signed weights:
+
+    D loss            = mean BCE(real, 1 - smoothing) + mean BCE(fake, 0)
+    G non-saturating  = mean BCE(fake, 1)       (= -mean log D(G(z)))
+    G saturating      = -mean BCE(fake, 0)      (=  mean log(1 - D(G(z))))
+
+The forward kernels store the unscaled per-element gradient dloss/dx in the logits' dtype; the
+backward multiplies it by grad_output times the reduction's weight (1/N for a mean) in fp32,
+so the small factor 1/N is applied once, at the end, where fp16 would otherwise lose it.
+All sums are per-program partials reduced in a fixed order: no atomics, bit-identical reruns.
+
+Host wrappers take dense tensors and treat them as ``n_rows`` rows of equal length in memory
+order; fastgen.functional validates inputs and arranges layouts before calling them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# A GAN loss sees one logit per sample (a few thousand at most): one program walks both inputs
+# in BLOCK-sized steps, so the loss, both gradients and the D(x) / D(G(z)) means come out of a
+# single launch with no second reduction.
+GAN_BLOCK = 1024
+
+
+def _block_and_warps(n_cols: int) -> tuple[int, int]:
+    """Elements per program for rows of ``n_cols``: up to 4096, to keep enough programs in flight."""
+    block = min(4096, max(128, triton.next_power_of_2(n_cols)))
+    return block, (8 if block >= 4096 else 4)
+
+
+@triton.jit
+def _bce_loss_grad_sigmoid(x, t):
+    """Elementwise (loss, dloss/dx, sigmoid(x)) of BCE with logits, fp32 in and out."""
+    e = tl.exp(-tl.abs(x))
+    one_plus_e = 1.0 + e
+    # log1p(e) accurate for tiny e (Goldberg's trick): the interpreter has no libdevice.log1p.
+    log1p_e = tl.where(one_plus_e == 1.0, e, tl.log(one_plus_e) * (e / (one_plus_e - 1.0)))
+    loss = tl.maximum(x, 0.0) - t * x + log1p_e
+    sig = tl.where(x >= 0, 1.0 / one_plus_e, e / one_plus_e)
+    return loss, sig - t, sig
+
+
+@triton.jit
+def _bce_segment(x_ptr, grad_ptr, numel, target, BLOCK: tl.constexpr):
+    """Walk x[0:numel] with a constant target: store dloss/dx, return (sum loss, sum sigmoid)."""
+    loss_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    sig_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, numel, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < numel
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        loss, grad, sig = _bce_loss_grad_sigmoid(x, target)
+        tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+        loss_acc += tl.where(mask, loss, 0.0)
+        sig_acc += tl.where(mask, sig, 0.0)
+    return tl.sum(loss_acc, axis=0), tl.sum(sig_acc, axis=0)
+
+
+@triton.jit
+def _gan_loss_fwd_kernel(real_ptr, fake_ptr, grad_ptr, loss_ptr, stats_ptr,
+                         n_real, n_fake, real_target, fake_target, real_weight, fake_weight,
+                         BLOCK: tl.constexpr):
+    """loss = real_weight * sum BCE(real, real_target) + fake_weight * sum BCE(fake, fake_target).
+
+    grad holds dloss/dx for real (elements [0, n_real)) then fake ([n_real, n_real + n_fake));
+    stats = [mean sigmoid(real), mean sigmoid(fake)] (0 for an empty input).
+    """
+    real_loss, real_sig = _bce_segment(real_ptr, grad_ptr, n_real, real_target, BLOCK)
+    fake_loss, fake_sig = _bce_segment(fake_ptr, grad_ptr + n_real, n_fake, fake_target, BLOCK)
+    loss = real_weight * real_loss + fake_weight * fake_loss
+    tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
+    tl.store(stats_ptr, real_sig / tl.maximum(n_real, 1).to(tl.float32))
+    tl.store(stats_ptr + 1, fake_sig / tl.maximum(n_fake, 1).to(tl.float32))
+
+
+@triton.jit
+def _bce_fwd_kernel(x_ptr, t_ptr, grad_ptr, out_ptr, n_cols, n_chunks,
+                    BLOCK: tl.constexpr, ELEMENTWISE: tl.constexpr):
+    """One BLOCK of one row: store dloss/dx, and the loss itself (ELEMENTWISE) or its fp32 partial
+    sum at out[row, chunk] (out is then (n_rows, n_chunks))."""
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // n_chunks
+    chunk = pid % n_chunks
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    offs = row * n_cols + cols
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    loss, grad, _ = _bce_loss_grad_sigmoid(x, t)
+    tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    if ELEMENTWISE:
+        tl.store(out_ptr + offs, loss.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + pid, tl.sum(tl.where(mask, loss, 0.0), axis=0))
+
+
+@triton.jit
+def _sum_rows_kernel(partial_ptr, out_ptr, n_chunks, scale, BLOCK: tl.constexpr):
+    """out[row] = scale * sum(partial[row, :]), in a fixed order."""
+    row = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_chunks, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        acc += tl.load(partial_ptr + row * n_chunks + cols, mask=cols < n_chunks, other=0.0)
+    tl.store(out_ptr + row, (tl.sum(acc, axis=0) * scale).to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _scale_grad_kernel(grad_ptr, grad_output_ptr, out_ptr, n_cols, n_chunks, go_row_stride,
+                       split, weight_lo, weight_hi, BLOCK: tl.constexpr):
+    """out[r, c] = grad[r, c] * grad_output[r * go_row_stride] * (weight_lo if c < split else weight_hi).
+
+    go_row_stride 0 broadcasts a scalar grad_output; ``split`` gives two inputs packed in one row
+    (the D loss's real and fake logits) their own weights.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // n_chunks
+    cols = (pid % n_chunks) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    offs = row * n_cols + cols
+    grad = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    grad_output = tl.load(grad_output_ptr + row * go_row_stride).to(tl.float32)
+    weight = tl.where(cols < split, weight_lo, weight_hi)
+    tl.store(out_ptr + offs, (grad * (grad_output * weight)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def gan_loss_forward(real: torch.Tensor | None, fake: torch.Tensor, real_target: float,
+                     fake_target: float, real_weight: float, fake_weight: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One launch: the weighted BCE of real and fake logits, dloss/dx of both, and the D means.
+
+    Args:
+        real: contiguous logits on real data, or None (the generator's loss sees only fakes).
+        fake: contiguous logits on generated data, same dtype and device.
+        real_target, fake_target: the constant BCE targets.
+        real_weight, fake_weight: each input's factor on its summed loss (1/N for a mean; negative
+            for the saturating generator loss).
+
+    Returns:
+        loss: 0-dim, ``fake``'s dtype.
+        stats: float32 ``(2,)``: mean sigmoid(real) (0 without ``real``), mean sigmoid(fake).
+        grad: ``(n_real + n_fake,)`` in ``fake``'s dtype, the unweighted dloss/dx of real then fake.
+    """
+    n_real = 0 if real is None else real.numel()
+    n_fake = fake.numel()
+    grad = torch.empty(n_real + n_fake, dtype=fake.dtype, device=fake.device)
+    loss = torch.empty((), dtype=fake.dtype, device=fake.device)
+    stats = torch.empty(2, dtype=torch.float32, device=fake.device)
+    _gan_loss_fwd_kernel[(1,)](
+        fake if real is None else real, fake, grad, loss, stats, n_real, n_fake,
+        real_target, fake_target, real_weight, fake_weight, BLOCK=GAN_BLOCK, num_warps=4)
+    return loss, stats, grad
+
+
+def bce_forward(logits: torch.Tensor, target: torch.Tensor, n_rows: int, elementwise: bool,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """BCE with logits over ``n_rows`` equal rows of dense, identically strided tensors.
+
+    Args:
+        logits, target: dense tensors with the same strides, rows outermost in memory; target may
+            have another floating dtype.
+        n_rows: the number of rows (1 for a full reduction, the batch size for per-sample sums).
+        elementwise: return the loss per element (``logits``' shape and strides) instead of per row.
+        scale: factor on each row's sum (1/N for a mean); ignored when ``elementwise``.
+
+    Returns:
+        loss: ``logits``-like (elementwise) or ``(n_rows,)``, in ``logits``' dtype.
+        grad: ``logits``-like, the unscaled dloss/dlogits in ``logits``' dtype.
+    """
+    n_cols = logits.numel() // n_rows
+    block, warps = _block_and_warps(n_cols)
+    n_chunks = triton.cdiv(n_cols, block)
+    grad = torch.empty_like(logits)
+    if elementwise:
+        loss = torch.empty_like(logits)
+        _bce_fwd_kernel[(n_rows * n_chunks,)](logits, target, grad, loss, n_cols, n_chunks,
+                                              BLOCK=block, ELEMENTWISE=True, num_warps=warps)
+        return loss, grad
+    partial = torch.empty((n_rows, n_chunks), dtype=torch.float32, device=logits.device)
+    _bce_fwd_kernel[(n_rows * n_chunks,)](logits, target, grad, partial, n_cols, n_chunks,
+                                          BLOCK=block, ELEMENTWISE=False, num_warps=warps)
+    loss = torch.empty(n_rows, dtype=logits.dtype, device=logits.device)
+    _sum_rows_kernel[(n_rows,)](partial, loss, n_chunks, scale,
+                                BLOCK=min(1024, triton.next_power_of_2(n_chunks)), num_warps=4)
+    return loss, grad
+
+
+def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, n_rows: int, split: int,
+               weight_lo: float, weight_hi: float) -> torch.Tensor:
+    """``grad`` (dense, ``n_rows`` rows in memory order) times a per-row or scalar grad_output.
+
+    Args:
+        grad: the stored dloss/dx; the result has its dtype and strides.
+        grad_output: 0-dim, or ``(n_rows,)`` with any stride.
+        split, weight_lo, weight_hi: columns below ``split`` take ``weight_lo``, the rest
+            ``weight_hi``.
+    """
+    n_cols = grad.numel() // n_rows
+    block, warps = _block_and_warps(n_cols)
+    n_chunks = triton.cdiv(n_cols, block)
+    go_row_stride = grad_output.stride(0) if grad_output.dim() else 0
+    out = torch.empty_like(grad)
+    _scale_grad_kernel[(n_rows * n_chunks,)](grad, grad_output, out, n_cols, n_chunks,
+                                             go_row_stride, split, weight_lo, weight_hi,
+                                             BLOCK=block, num_warps=warps)
+    return out
