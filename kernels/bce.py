@@ -6,7 +6,7 @@ For a logit x and a target t in [0, 1], with e = exp(-|x|) in (0, 1]:
     dloss/dx   = sigmoid(x) - t,  sigmoid(x) = 1 / (1 + e) if x >= 0 else e / (1 + e)
 
 Nothing exponentiates a positive number, so loss and gradient are finite for any finite x
-(+-1e4 included). The GAN losses are BCE with constant targets and signed weights:
+(+-1e4 included). Math is float32 (float64 for float64 inputs, so gradcheck runs fused). The GAN losses are BCE with constant targets and signed weights:
 
     D loss            = mean BCE(real, 1 - smoothing) + mean BCE(fake, 0)
     G non-saturating  = mean BCE(fake, 1)       (= -mean log D(G(z)))
@@ -33,6 +33,11 @@ import triton.language as tl
 GAN_BLOCK = 1024
 
 
+def _acc_dtype(t: torch.Tensor) -> tl.dtype:
+    """Accumulation dtype: float32, or float64 for float64 inputs (so gradcheck can run fused)."""
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
 def _block_and_warps(n_cols: int) -> tuple[int, int]:
     """Elements per program for rows of ``n_cols``: up to 4096, to keep enough programs in flight."""
     block = min(4096, max(128, triton.next_power_of_2(n_cols)))
@@ -52,14 +57,14 @@ def _bce_loss_grad_sigmoid(x, t):
 
 
 @triton.jit
-def _bce_segment(x_ptr, grad_ptr, numel, target, BLOCK: tl.constexpr):
+def _bce_segment(x_ptr, grad_ptr, numel, target, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """Walk x[0:numel] with a constant target: store dloss/dx, return (sum loss, sum sigmoid)."""
-    loss_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    sig_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    loss_acc = tl.zeros([BLOCK], dtype=ACC)
+    sig_acc = tl.zeros([BLOCK], dtype=ACC)
     for start in range(0, numel, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < numel
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         loss, grad, sig = _bce_loss_grad_sigmoid(x, target)
         tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
         loss_acc += tl.where(mask, loss, 0.0)
@@ -70,14 +75,14 @@ def _bce_segment(x_ptr, grad_ptr, numel, target, BLOCK: tl.constexpr):
 @triton.jit
 def _gan_loss_fwd_kernel(real_ptr, fake_ptr, grad_ptr, loss_ptr, stats_ptr,
                          n_real, n_fake, real_target, fake_target, real_weight, fake_weight,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, ACC: tl.constexpr):
     """loss = real_weight * sum BCE(real, real_target) + fake_weight * sum BCE(fake, fake_target).
 
     grad holds dloss/dx for real (elements [0, n_real)) then fake ([n_real, n_real + n_fake));
     stats = [mean sigmoid(real), mean sigmoid(fake)] (0 for an empty input).
     """
-    real_loss, real_sig = _bce_segment(real_ptr, grad_ptr, n_real, real_target, BLOCK)
-    fake_loss, fake_sig = _bce_segment(fake_ptr, grad_ptr + n_real, n_fake, fake_target, BLOCK)
+    real_loss, real_sig = _bce_segment(real_ptr, grad_ptr, n_real, real_target, BLOCK, ACC)
+    fake_loss, fake_sig = _bce_segment(fake_ptr, grad_ptr + n_real, n_fake, fake_target, BLOCK, ACC)
     loss = real_weight * real_loss + fake_weight * fake_loss
     tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
     tl.store(stats_ptr, real_sig / tl.maximum(n_real, 1).to(tl.float32))
@@ -86,7 +91,7 @@ def _gan_loss_fwd_kernel(real_ptr, fake_ptr, grad_ptr, loss_ptr, stats_ptr,
 
 @triton.jit
 def _bce_fwd_kernel(x_ptr, t_ptr, grad_ptr, out_ptr, n_cols, n_chunks,
-                    BLOCK: tl.constexpr, ELEMENTWISE: tl.constexpr):
+                    BLOCK: tl.constexpr, ELEMENTWISE: tl.constexpr, ACC: tl.constexpr):
     """One BLOCK of one row: store dloss/dx, and the loss itself (ELEMENTWISE) or its fp32 partial
     sum at out[row, chunk] (out is then (n_rows, n_chunks))."""
     pid = tl.program_id(0).to(tl.int64)
@@ -95,21 +100,21 @@ def _bce_fwd_kernel(x_ptr, t_ptr, grad_ptr, out_ptr, n_cols, n_chunks,
     cols = chunk * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     offs = row * n_cols + cols
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(ACC)
     loss, grad, _ = _bce_loss_grad_sigmoid(x, t)
     tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
     if ELEMENTWISE:
         tl.store(out_ptr + offs, loss.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.store(out_ptr + pid, tl.sum(tl.where(mask, loss, 0.0), axis=0))
+        tl.store(out_ptr + pid, tl.sum(tl.where(mask, loss, 0.0), axis=0).to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
 def _sum_rows_kernel(partial_ptr, out_ptr, n_chunks, scale, BLOCK: tl.constexpr):
     """out[row] = scale * sum(partial[row, :]), in a fixed order."""
     row = tl.program_id(0).to(tl.int64)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK], dtype=partial_ptr.dtype.element_ty)
     for start in range(0, n_chunks, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         acc += tl.load(partial_ptr + row * n_chunks + cols, mask=cols < n_chunks, other=0.0)
@@ -118,7 +123,7 @@ def _sum_rows_kernel(partial_ptr, out_ptr, n_chunks, scale, BLOCK: tl.constexpr)
 
 @triton.jit
 def _scale_grad_kernel(grad_ptr, grad_output_ptr, out_ptr, n_cols, n_chunks, go_row_stride,
-                       split, weight_lo, weight_hi, BLOCK: tl.constexpr):
+                       split, weight_lo, weight_hi, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """out[r, c] = grad[r, c] * grad_output[r * go_row_stride] * (weight_lo if c < split else weight_hi).
 
     go_row_stride 0 broadcasts a scalar grad_output; ``split`` gives two inputs packed in one row
@@ -129,8 +134,8 @@ def _scale_grad_kernel(grad_ptr, grad_output_ptr, out_ptr, n_cols, n_chunks, go_
     cols = (pid % n_chunks) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     offs = row * n_cols + cols
-    grad = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    grad_output = tl.load(grad_output_ptr + row * go_row_stride).to(tl.float32)
+    grad = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(ACC)
+    grad_output = tl.load(grad_output_ptr + row * go_row_stride).to(ACC)
     weight = tl.where(cols < split, weight_lo, weight_hi)
     tl.store(out_ptr + offs, (grad * (grad_output * weight)).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -159,7 +164,8 @@ def gan_loss_forward(real: torch.Tensor | None, fake: torch.Tensor, real_target:
     stats = torch.empty(2, dtype=torch.float32, device=fake.device)
     _gan_loss_fwd_kernel[(1,)](
         fake if real is None else real, fake, grad, loss, stats, n_real, n_fake,
-        real_target, fake_target, real_weight, fake_weight, BLOCK=GAN_BLOCK, num_warps=4)
+        real_target, fake_target, real_weight, fake_weight, BLOCK=GAN_BLOCK, ACC=_acc_dtype(fake),
+        num_warps=4)
     return loss, stats, grad
 
 
@@ -185,11 +191,13 @@ def bce_forward(logits: torch.Tensor, target: torch.Tensor, n_rows: int, element
     if elementwise:
         loss = torch.empty_like(logits)
         _bce_fwd_kernel[(n_rows * n_chunks,)](logits, target, grad, loss, n_cols, n_chunks,
-                                              BLOCK=block, ELEMENTWISE=True, num_warps=warps)
+                                              BLOCK=block, ELEMENTWISE=True, ACC=_acc_dtype(logits),
+                                              num_warps=warps)
         return loss, grad
-    partial = torch.empty((n_rows, n_chunks), dtype=torch.float32, device=logits.device)
-    _bce_fwd_kernel[(n_rows * n_chunks,)](logits, target, grad, partial, n_cols, n_chunks,
-                                          BLOCK=block, ELEMENTWISE=False, num_warps=warps)
+    partial = torch.empty((n_rows, n_chunks), device=logits.device,
+                          dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    _bce_fwd_kernel[(n_rows * n_chunks,)](logits, target, grad, partial, n_cols, n_chunks, BLOCK=block,
+                                          ELEMENTWISE=False, ACC=_acc_dtype(logits), num_warps=warps)
     loss = torch.empty(n_rows, dtype=logits.dtype, device=logits.device)
     _sum_rows_kernel[(n_rows,)](partial, loss, n_chunks, scale,
                                 BLOCK=min(1024, triton.next_power_of_2(n_chunks)), num_warps=4)
@@ -213,5 +221,5 @@ def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, n_rows: int, split
     out = torch.empty_like(grad)
     _scale_grad_kernel[(n_rows * n_chunks,)](grad, grad_output, out, n_cols, n_chunks,
                                              go_row_stride, split, weight_lo, weight_hi,
-                                             BLOCK=block, num_warps=warps)
+                                             BLOCK=block, ACC=_acc_dtype(grad), num_warps=warps)
     return out
