@@ -54,9 +54,18 @@ def bce_with_logits(logits: Tensor, target: Tensor, *, reduction: str = "mean") 
     Returns:
         The loss in ``logits``' dtype.
     """
+    loss = _bce_elementwise(logits, target)
+    if reduction == "none":
+        return loss
     if reduction == "per_sample":
-        return F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).sum(1)
-    return F.binary_cross_entropy_with_logits(logits, target, reduction=reduction)
+        return loss.reshape(loss.shape[0], -1).sum(1)
+    return loss.mean() if reduction == "mean" else loss.sum()
+
+
+def _bce_elementwise(logits: Tensor, target: Tensor | float) -> Tensor:
+    # softplus is log1p(exp(x)) below its threshold: exact even where the loss is ~1e-14, which
+    # PyTorch's own binary_cross_entropy_with_logits rounds to a few digits.
+    return F.softplus(logits) - target * logits
 
 
 def gan_d_loss(real_logits: Tensor, fake_logits: Tensor, *, label_smoothing: float = 0.0) -> DLossOutput:
@@ -70,9 +79,8 @@ def gan_d_loss(real_logits: Tensor, fake_logits: Tensor, *, label_smoothing: flo
             ``real_logits``'; each term is a mean over its own elements.
         label_smoothing: s in [0, 1).
     """
-    real_target = torch.full_like(real_logits, 1.0 - label_smoothing)
-    loss = (F.binary_cross_entropy_with_logits(real_logits, real_target)
-            + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+    loss = (_bce_elementwise(real_logits, 1.0 - label_smoothing).mean()
+            + _bce_elementwise(fake_logits, 0.0).mean())
     with torch.no_grad():
         d_real = torch.sigmoid(real_logits.float()).mean()
         d_fake = torch.sigmoid(fake_logits.float()).mean()
@@ -86,9 +94,9 @@ def gan_g_loss(fake_logits: Tensor, *, saturating: bool = False) -> GLossOutput:
     ``saturating=True`` (the original minimax form): ``mean log(1 - D(G(z)))``, which G minimizes.
     """
     if saturating:
-        loss = -F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+        loss = -_bce_elementwise(fake_logits, 0.0).mean()
     else:
-        loss = F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+        loss = _bce_elementwise(fake_logits, 1.0).mean()
     with torch.no_grad():
         d_fake = torch.sigmoid(fake_logits.float()).mean()
     return GLossOutput(loss, d_fake)

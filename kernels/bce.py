@@ -50,7 +50,8 @@ def _bce_loss_grad_sigmoid(x, t):
     e = tl.exp(-tl.abs(x))
     one_plus_e = 1.0 + e
     # log1p(e) accurate for tiny e (Goldberg's trick): the interpreter has no libdevice.log1p.
-    log1p_e = tl.where(one_plus_e == 1.0, e, tl.log(one_plus_e) * (e / (one_plus_e - 1.0)))
+    exact = one_plus_e == 1.0
+    log1p_e = tl.where(exact, e, tl.log(one_plus_e) * (e / tl.where(exact, 1.0, one_plus_e - 1.0)))
     loss = tl.maximum(x, 0.0) - t * x + log1p_e
     sig = tl.where(x >= 0, 1.0 / one_plus_e, e / one_plus_e)
     return loss, sig - t, sig

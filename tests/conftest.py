@@ -1,0 +1,25 @@
+"""Fixtures shared by the tests: NaN-poisoned allocations and the relative-error measure."""
+
+import pytest
+import torch
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN anywhere gives inf, so NaN never passes."""
+    out, ref = out.detach().double(), ref.detach().double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+@pytest.fixture
+def nan_poison(monkeypatch):
+    """Fill every floating tensor that torch.empty / torch.empty_like allocate with NaN, so an
+    element a kernel forgets to write shows up in the result."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poisoned(t: torch.Tensor) -> torch.Tensor:
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poisoned(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poisoned(empty_like(*a, **k)))

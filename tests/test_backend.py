@@ -1,0 +1,149 @@
+"""Backend choice: names, environment, context manager, fallback under "auto"."""
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import fastgen
+from fastgen import backend
+from fastgen import functional as F
+
+
+@pytest.fixture(autouse=True)
+def clean_failures(monkeypatch):
+    monkeypatch.delenv("FASTGEN_BACKEND", raising=False)
+    backend.reset_failures()
+    yield
+    backend.reset_failures()
+
+
+def _grad_fn_name(t: torch.Tensor) -> str:
+    return type(t.grad_fn).__name__
+
+
+def _loss():
+    return F.bce_with_logits(torch.randn(3, 4, requires_grad=True), torch.rand(3, 4))
+
+
+def test_default_is_auto_and_env_and_context_override(monkeypatch):
+    assert fastgen.get_backend() == "auto"
+    monkeypatch.setenv("FASTGEN_BACKEND", "reference")
+    assert fastgen.get_backend() == "reference"
+    with fastgen.use_backend("triton"):
+        assert fastgen.get_backend() == "triton"
+        with fastgen.use_backend("auto"):
+            assert fastgen.get_backend() == "auto"
+        assert fastgen.get_backend() == "triton"
+    assert fastgen.get_backend() == "reference"
+
+
+def test_unknown_backend_lists_the_valid_ones(monkeypatch):
+    with pytest.raises(ValueError, match="use_backend.*'cuda'.*auto, triton, reference"):
+        with fastgen.use_backend("cuda"):
+            pass
+    monkeypatch.setenv("FASTGEN_BACKEND", "fast")
+    with pytest.raises(ValueError, match="FASTGEN_BACKEND.*'fast'.*auto, triton, reference"):
+        fastgen.get_backend()
+
+
+def test_each_backend_runs_its_path():
+    with fastgen.use_backend("reference"):
+        assert _grad_fn_name(_loss()) == "MeanBackward0"
+    with fastgen.use_backend("triton"):
+        assert _grad_fn_name(_loss()) == "_BCEWithLogitsBackward"
+    # conftest sets TRITON_INTERPRET=1 without CUDA, so "auto" runs the kernels on CPU tensors.
+    assert _grad_fn_name(_loss()) == "_BCEWithLogitsBackward"
+
+
+def _break_kernel(monkeypatch):
+    from fastgen.kernels import bce
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated compile failure")
+
+    monkeypatch.setattr(bce, "bce_forward", broken)
+
+
+def test_auto_warns_once_remembers_and_falls_back(monkeypatch):
+    _break_kernel(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="bce_with_logits.*simulated compile failure.*FASTGEN_BACKEND=triton"):
+        loss = _loss()
+    assert _grad_fn_name(loss) == "MeanBackward0"
+    assert "simulated compile failure" in backend.failed_ops()["bce_with_logits"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # remembered: no second warning
+        assert _grad_fn_name(_loss()) == "MeanBackward0"
+    # Other ops keep their kernels.
+    assert _grad_fn_name(F.gan_g_loss(torch.randn(4, requires_grad=True)).loss) == "_GANLossBackward"
+
+
+def test_triton_backend_raises_instead_of_falling_back(monkeypatch):
+    _break_kernel(monkeypatch)
+    with fastgen.use_backend("triton"), pytest.raises(RuntimeError, match="simulated compile failure"):
+        _loss()
+    assert backend.failed_ops() == {}
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with fastgen.use_backend("triton"), pytest.raises(RuntimeError, match="needs CUDA tensors.*cpu"):
+        _loss()
+    # "auto" quietly takes the reference for CPU tensors when the interpreter is off.
+    assert _grad_fn_name(_loss()) == "MeanBackward0"
+
+
+def test_validation_errors_are_not_swallowed_by_auto():
+    with pytest.raises(ValueError, match="target"):
+        F.bce_with_logits(torch.randn(3), torch.rand(4))
+    assert backend.failed_ops() == {}
+
+
+def test_fastgen_imports_and_trains_without_triton():
+    # A process where `import triton` fails: fastgen must import and run the reference path.
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, fastgen\n"
+        "from fastgen import functional as F\n"
+        "x = torch.randn(4, 3, requires_grad=True)\n"
+        "F.bce_with_logits(x, torch.rand(4, 3)).backward()\n"
+        "assert x.grad is not None and not fastgen.backend.triton_available()\n"
+        "with fastgen.use_backend('triton'):\n"
+        "    try:\n"
+        "        F.gan_g_loss(torch.randn(4))\n"
+        "    except RuntimeError as e:\n"
+        "        assert 'triton is not installed' in str(e)\n"
+        "    else:\n"
+        "        raise AssertionError('expected an error')\n"
+        "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_compiled_module_runs_on_the_reference_path():
+    loss_fn = fastgen.nn.GANLoss()
+
+    @torch.compile(backend="eager")
+    def step(real, fake):
+        return loss_fn.d_loss(real, fake).loss + loss_fn.g_loss(fake).loss
+
+    real, fake = torch.randn(8), torch.randn(8, requires_grad=True)
+    with fastgen.use_backend("reference"):
+        expected = loss_fn.d_loss(real, fake).loss + loss_fn.g_loss(fake).loss
+        assert torch.allclose(step(real, fake), expected)
+
+
+@pytest.mark.gpu
+def test_compiled_module_runs_the_kernels_on_cuda():
+    loss_fn = fastgen.nn.GANLoss()
+    real = torch.randn(256, device="cuda")
+    fake = torch.randn(256, device="cuda", requires_grad=True)
+    compiled = torch.compile(lambda r, f: loss_fn.d_loss(r, f).loss + loss_fn.g_loss(f).loss)
+    out = compiled(real, fake)
+    out.backward()
+    with fastgen.use_backend("reference"):
+        ref = loss_fn.d_loss(real, fake.detach()).loss + loss_fn.g_loss(fake.detach()).loss
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6) and torch.isfinite(fake.grad).all()
