@@ -1,0 +1,20 @@
+"""benchmarks/run.py end to end in smoke mode: the report's files, fields and correctness checks."""
+
+import json
+
+from benchmarks import run
+
+
+def test_run_smoke_writes_json_and_markdown(tmp_path, capsys):
+    assert run.main(["--smoke", "--out-dir", str(tmp_path), "--only", "gan_g_loss|mean"]) == 0
+    (json_file,) = tmp_path.glob("*.json")
+    (md_file,) = tmp_path.glob("*.md")
+    report = json.loads(json_file.read_text())
+    assert report["smoke"] and report["copy_gbs"] > 0 and report["matmul_tflops"] > 0
+    assert {"torch", "triton", "device", "python"} <= report["environment"].keys()
+    rows = report["rows"]
+    assert {(r["family"], r["impl"]) for r in rows} == {
+        (family, impl) for family in ("gan_g_loss", "bce_with_logits[mean]") for impl in ("fastgen", "eager")}
+    assert all(r["ok"] and r["ms"] > 0 and r["max_rel_err"] < 1e-5 for r in rows)
+    assert all(r["speedup_vs_eager"] > 0 for r in rows)
+    assert "| gan_g_loss | B=64 fp32 | fastgen |" in md_file.read_text()
