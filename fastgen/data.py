@@ -24,13 +24,14 @@ import gzip
 import math
 import os
 import zlib
-from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = str | os.PathLike
 
 __all__ = [
     "IDX_TYPES",
@@ -54,7 +55,7 @@ __all__ = [
 # ---------------------------------------------------------------------------
 
 #: IDX type code -> numpy dtype (big-endian, as stored on disk).
-IDX_TYPES: Dict[int, np.dtype] = {
+IDX_TYPES: dict[int, np.dtype] = {
     0x08: np.dtype("u1"),
     0x09: np.dtype("i1"),
     0x0B: np.dtype(">i2"),
@@ -64,7 +65,7 @@ IDX_TYPES: Dict[int, np.dtype] = {
 }
 
 # numpy dtype (native/any byte order, keyed by kind+itemsize) -> IDX type code.
-_DTYPE_TO_IDX: Dict[Tuple[str, int], int] = {
+_DTYPE_TO_IDX: dict[tuple[str, int], int] = {
     (dt.kind, dt.itemsize): code for code, dt in IDX_TYPES.items()
 }
 
@@ -73,22 +74,31 @@ def _type_names() -> str:
     return ", ".join(f"0x{c:02X} ({IDX_TYPES[c].name})" for c in sorted(IDX_TYPES))
 
 
+def _check_int(name: str, value: Any, minimum: int | None = None) -> int:
+    """``value`` as an int; TypeError if it is not one (bools rejected), ValueError if < ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
 def _read_bytes(path: str) -> bytes:
-    """Read a whole file, transparently gunzipping ``*.gz``; errors name ``path``."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise ValueError(f"{path}: is a directory, expected an IDX file")
-    if path.endswith(".gz"):
-        try:
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        except EOFError as e:
-            raise ValueError(f"{path}: truncated gzip stream ({e})") from e
-        except (OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
-            raise ValueError(f"{path}: not a valid gzip file ({e})") from e
-    with open(path, "rb") as f:
-        return f.read()
+    """Read a whole file, transparently gunzipping ``*.gz``.
+
+    ``open`` errors (``FileNotFoundError``, ``IsADirectoryError``, ...) propagate
+    as they are (they name the path); a corrupt or truncated gzip stream becomes
+    a ``ValueError`` naming ``path``.
+    """
+    if not path.endswith(".gz"):
+        with open(path, "rb") as f:
+            return f.read()
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ValueError(f"{path}: not a valid gzip file ({type(e).__name__}: {e})") from e
 
 
 def read_idx(path: PathLike) -> np.ndarray:
@@ -109,7 +119,7 @@ def read_idx(path: PathLike) -> np.ndarray:
         order, writable and C-contiguous.
 
     Raises:
-        FileNotFoundError: the file does not exist (message names the path).
+        OSError: from ``open`` (e.g. ``FileNotFoundError``), naming the path.
         ValueError: bad magic number, unknown type code, ``ndim == 0``, truncated
             header, truncated data or trailing bytes (message names the path and
             what was wrong).
@@ -200,8 +210,8 @@ def write_idx(path: PathLike, array: Any) -> None:
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 #: split -> (images base name, labels base name).  Each is looked up raw and
-#: with ``.gz``; the older ``train-images.idx3-ubyte`` spelling is accepted too.
-MNIST_FAMILY_FILES: Dict[str, Tuple[str, str]] = {
+#: with ``.gz``.
+MNIST_FAMILY_FILES: dict[str, tuple[str, str]] = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
@@ -214,38 +224,25 @@ _INSTALL_HINT = (
 )
 
 
-def _candidates(base: str) -> List[str]:
-    # "train-images-idx3-ubyte" and the dotted "train-images.idx3-ubyte" variant.
-    dotted = base.replace("-idx", ".idx")
-    names = [base, base + ".gz"]
-    if dotted != base:
-        names += [dotted, dotted + ".gz"]
-    return names
-
-
 def _find_file(data_dir: str, base: str) -> str:
-    """First existing candidate for ``base`` in ``data_dir`` or ``data_dir/raw``."""
-    for d in (data_dir, os.path.join(data_dir, "raw")):
-        for name in _candidates(base):
-            p = os.path.join(d, name)
-            if os.path.isfile(p):
-                return p
-    raise FileNotFoundError(
-        f"{data_dir}: missing {base}[.gz] (looked for {', '.join(_candidates(base))} "
-        f"in {data_dir} and {os.path.join(data_dir, 'raw')}); {_INSTALL_HINT}"
-    )
+    """``data_dir/base`` if it is a file, else ``data_dir/base.gz``."""
+    for name in (base, base + ".gz"):
+        p = os.path.join(data_dir, name)
+        if os.path.isfile(p):
+            return p
+    raise FileNotFoundError(f"{data_dir}: missing {base} or {base}.gz; {_INSTALL_HINT}")
 
 
 def load_mnist_family(
-    data_dir: Optional[PathLike] = None,
+    data_dir: PathLike | None = None,
     split: str = "train",
     *,
     scale: str = "gan",
     pad_to_32: bool = False,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Load one split of an MNIST-family data set (Fashion-MNIST, MNIST, KMNIST).
 
-    Files looked up in ``data_dir`` (then ``data_dir/raw``), raw or ``.gz``:
+    Files looked up in ``data_dir``, raw or ``.gz`` (the Debian layout):
     ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte`` (split ``"train"``),
     ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte`` (split ``"test"``).
 
@@ -313,7 +310,7 @@ def load_mnist_family(
         bg = -1.0 if scale == "gan" else 0.0
         x = torch.nn.functional.pad(x, (left, 32 - w - left, top, 32 - h - top), value=bg)
     y = torch.from_numpy(labels.astype(np.int64))
-    return x.contiguous(), y
+    return x, y
 
 
 # ---------------------------------------------------------------------------
@@ -358,7 +355,7 @@ class Mixture2D:
 
     means: torch.Tensor
     std: float
-    name: str = field(default="mixture")
+    name: str = "mixture"
 
     def __post_init__(self) -> None:
         self.means = torch.as_tensor(self.means, dtype=torch.float32)
@@ -373,7 +370,7 @@ class Mixture2D:
         """Number of components ``K``."""
         return int(self.means.shape[0])
 
-    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw ``n`` samples: float32 tensor ``(n, 2)`` on CPU.
 
         The component of each sample is chosen uniformly at random, then Gaussian
@@ -382,25 +379,20 @@ class Mixture2D:
         Args:
             n: number of samples (>= 0).
             generator: optional CPU ``torch.Generator`` for reproducibility.
+
+        Raises:
+            TypeError: ``n`` is not an int.
+            ValueError: ``n < 0``.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        n = _check_int("n", n, 0)
         comp = torch.randint(self.num_modes, (n,), generator=generator)
         noise = torch.randn(n, 2, generator=generator, dtype=torch.float32)
         return self.means[comp] + self.std * noise
 
 
-def _ring8() -> Mixture2D:
-    return Mixture2D(ring8_means(), RING8_STD, "ring8")
-
-
-def _grid25() -> Mixture2D:
-    return Mixture2D(grid25_means(), GRID25_STD, "grid25")
-
-
-_MIXTURES = {"ring8": _ring8, "grid25": _grid25}
+_MIXTURES = {"ring8": (ring8_means, RING8_STD), "grid25": (grid25_means, GRID25_STD)}
 #: Names accepted by :func:`mixture2d`.
-MIXTURE2D_NAMES: Tuple[str, ...] = tuple(_MIXTURES)
+MIXTURE2D_NAMES: tuple[str, ...] = tuple(_MIXTURES)
 
 
 def mixture2d(name: str) -> Mixture2D:
@@ -412,12 +404,12 @@ def mixture2d(name: str) -> Mixture2D:
     Raises:
         ValueError: unknown name (message lists the valid names).
     """
-    try:
-        return _MIXTURES[name]()
-    except (KeyError, TypeError):
+    if not isinstance(name, str) or name not in _MIXTURES:
         raise ValueError(
             f"unknown mixture {name!r}; valid names: {', '.join(map(repr, MIXTURE2D_NAMES))}"
-        ) from None
+        )
+    means_fn, std = _MIXTURES[name]
+    return Mixture2D(means_fn(), std, name)
 
 
 # ---------------------------------------------------------------------------
@@ -427,33 +419,15 @@ def mixture2d(name: str) -> Mixture2D:
 _MASK64 = (1 << 64) - 1
 
 
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    """Deterministic (process-independent) 63-bit seed for ``(seed, epoch)``."""
-    return _splitmix64(_splitmix64(seed & _MASK64) ^ (epoch & _MASK64)) >> 1
-
-
-def _check_int(name: str, value: Any, minimum: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 class BatchSampler:
     """Infinite shuffling sampler over indices ``0..n-1`` with exact resume.
 
-    Each epoch uses a fresh permutation drawn from a ``torch.Generator`` seeded
-    by ``(seed, epoch)``, so the whole state is two ints (``epoch``,
-    ``position``) and a restored sampler yields exactly the same batches.
+    Each epoch uses a fresh permutation
+    ``np.random.Generator(np.random.PCG64([seed mod 2**64, epoch])).permutation(n)``,
+    so the whole state is two ints (``epoch``, ``position``) and a restored
+    sampler yields exactly the same batches.  The permutations depend only on
+    NumPy's PCG64 bit generator and ``Generator.permutation``, not on torch's
+    RNG, so they do not change with the torch version (or process, or device).
 
     Iterating yields int64 tensors of shape ``(batch_size,)`` (the last batch of
     an epoch may be shorter when ``drop_last=False``), epoch after epoch forever.
@@ -461,8 +435,13 @@ class BatchSampler:
     Args:
         n: number of items (> 0).
         batch_size: items per batch (> 0; <= n when ``drop_last``).
-        seed: base seed (any int).
+        seed: base seed (any int; only ``seed mod 2**64`` matters).
         drop_last: drop the incomplete final batch of each epoch.
+
+    Raises:
+        TypeError: ``n``/``batch_size``/``seed`` not ints, ``drop_last`` not a bool.
+        ValueError: ``n < 1``, ``batch_size < 1``, or ``batch_size > n`` with
+            ``drop_last``.
     """
 
     def __init__(self, n: int, batch_size: int, *, seed: int = 0, drop_last: bool = True) -> None:
@@ -470,7 +449,7 @@ class BatchSampler:
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.seed = _check_int("seed", seed)
         if not isinstance(drop_last, bool):
-            raise ValueError(f"drop_last must be a bool, got {drop_last!r}")
+            raise TypeError(f"drop_last must be a bool, got {type(drop_last).__name__} {drop_last!r}")
         self.drop_last = drop_last
         if drop_last and self.batch_size > self.n:
             raise ValueError(
@@ -479,28 +458,22 @@ class BatchSampler:
             )
         self.epoch = 0
         self.position = 0  # index into the current epoch's permutation
-        self._perm: Optional[torch.Tensor] = None
+        self._perm: torch.Tensor | None = None
         self._perm_epoch = -1
 
     def __len__(self) -> int:
-        """Batches per epoch."""
-        return self.batches_per_epoch
-
-    @property
-    def batches_per_epoch(self) -> int:
         """Number of batches in one epoch."""
         if self.drop_last:
             return self.n // self.batch_size
         return -(-self.n // self.batch_size)
 
     def permutation(self, epoch: int) -> torch.Tensor:
-        """The int64 permutation ``(n,)`` used for ``epoch``."""
-        g = torch.Generator()
-        g.manual_seed(_epoch_seed(self.seed, epoch))
-        return torch.randperm(self.n, generator=g)
+        """The int64 permutation ``(n,)`` used for ``epoch`` (see the class docstring)."""
+        rng = np.random.Generator(np.random.PCG64([self.seed & _MASK64, epoch]))
+        return torch.from_numpy(rng.permutation(self.n).astype(np.int64))
 
     def _current_perm(self) -> torch.Tensor:
-        if self._perm_epoch != self.epoch or self._perm is None:
+        if self._perm_epoch != self.epoch:
             self._perm = self.permutation(self.epoch)
             self._perm_epoch = self.epoch
         return self._perm
@@ -519,7 +492,7 @@ class BatchSampler:
         self.position = end
         return batch
 
-    def state_dict(self) -> Dict[str, int]:
+    def state_dict(self) -> dict[str, int]:
         """Plain-int state: ``n``, ``batch_size``, ``seed``, ``drop_last``, ``epoch``, ``position``."""
         return {
             "n": self.n,
@@ -530,10 +503,11 @@ class BatchSampler:
             "position": self.position,
         }
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`.
 
         Raises:
+            TypeError: ``epoch``/``position`` not ints.
             ValueError: missing keys, or ``n``/``batch_size``/``seed``/``drop_last``
                 differ from this sampler's (the batches would not match), or
                 ``epoch``/``position`` out of range.

@@ -23,8 +23,8 @@ Only torch, numpy and the standard library are used; mixtures are duck-typed
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -52,25 +52,22 @@ class ModeCoverage:
     num_modes: int
     high_quality_fraction: float
     reverse_kl: float
-    counts: List[int] = field(default_factory=list)
+    counts: list[int]
 
-    def as_dict(self) -> Dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         """Plain-dict view (e.g. for JSON logging)."""
         return asdict(self)
 
 
 def _check_points(name: str, x: Any) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        try:
-            x = torch.as_tensor(x)
-        except Exception as e:  # pragma: no cover - torch's own message is fine
-            raise TypeError(f"{name} must be a tensor of shape (n, 2), got {type(x).__name__}") from e
+    """``x`` (tensor or array-like) as a float64 CPU tensor of shape ``(n, 2)``, ``n >= 1``."""
+    x = torch.as_tensor(x)
+    if x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"{name} must have a real (floating or integer) dtype, got {x.dtype}")
     if x.ndim != 2 or x.shape[1] != 2:
         raise ValueError(f"{name} must have shape (n, 2), got {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise ValueError(f"{name} must be non-empty, got shape {tuple(x.shape)}")
-    if not (x.is_floating_point() or x.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
-        raise ValueError(f"{name} must be a real-valued tensor, got dtype {x.dtype}")
     return x.detach().to(device="cpu", dtype=torch.float64)
 
 
@@ -98,6 +95,7 @@ def mode_coverage(
         high-quality samples.
 
     Raises:
+        TypeError: complex or bool ``samples``/``means``.
         ValueError: wrong shapes (message names ``samples`` or ``means``), empty
             inputs, non-finite means, or non-positive ``std``/``threshold_std``.
     """
@@ -126,22 +124,18 @@ def mode_coverage(
         n_hq += int(hq.sum())
         counts += torch.bincount(nearest[hq], minlength=k)
 
-    counts_list = [int(c) for c in counts.tolist()]
     if n_hq == 0:
         reverse_kl = math.inf
     else:
-        reverse_kl = 0.0
-        for c in counts_list:
-            if c > 0:
-                p = c / n_hq
-                reverse_kl += p * math.log(p * k)
-        reverse_kl = max(reverse_kl, 0.0)  # clamp tiny negative rounding
+        p = counts[counts > 0].double() / n_hq
+        # 0 * log 0 = 0: empty modes are left out; clamp tiny negative rounding.
+        reverse_kl = max(float((p * (p * k).log()).sum()), 0.0)
     return ModeCoverage(
-        modes_covered=sum(1 for c in counts_list if c > 0),
+        modes_covered=int((counts > 0).sum()),
         num_modes=k,
         high_quality_fraction=n_hq / n,
         reverse_kl=reverse_kl,
-        counts=counts_list,
+        counts=counts.tolist(),
     )
 
 

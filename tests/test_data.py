@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from fastgen.data import (
-    DEFAULT_FASHION_MNIST_DIR,
     BatchSampler,
     Mixture2D,
     grid25_means,
@@ -113,14 +112,29 @@ def test_idx_truncated_gzip_stream(tmp_path):
 def test_idx_not_gzip_but_gz_suffix(tmp_path):
     p = tmp_path / "plain.gz"
     p.write_bytes(_header(0x08, [1]) + b"\x05")
-    with pytest.raises(ValueError, match="plain.gz"):
+    with pytest.raises(ValueError) as ei:
         read_idx(p)
+    assert str(ei.value).startswith(f"{p}: not a valid gzip file")
+
+
+def test_idx_gzip_without_gz_suffix_is_bad_magic(tmp_path):
+    p = tmp_path / "train-images-idx3-ubyte"
+    write_idx(tmp_path / "x.gz", np.zeros((2, 3), np.uint8))
+    p.write_bytes((tmp_path / "x.gz").read_bytes())
+    with pytest.raises(ValueError) as ei:
+        read_idx(p)
+    assert str(ei.value) == (
+        f"{p}: bad magic number 1f8b0808: IDX files start with two zero bytes "
+        "(is this an IDX file? gzip files must end with .gz)"
+    )
 
 
 def test_idx_missing_file(tmp_path):
     p = tmp_path / "nope-idx1-ubyte"
     with pytest.raises(FileNotFoundError, match="nope-idx1-ubyte"):
         read_idx(p)
+    with pytest.raises(FileNotFoundError, match="nope-idx1-ubyte.gz"):
+        read_idx(tmp_path / "nope-idx1-ubyte.gz")
 
 
 def test_write_idx_rejects_unsupported_dtype(tmp_path):
@@ -184,15 +198,6 @@ def test_load_pad_to_32(tmp_path, scale, bg):
     assert (xp[:, :, border] == bg).all()
 
 
-def test_load_accepts_raw_subdir_and_dotted_names(tmp_path):
-    root = tmp_path / "mnist"
-    (root / "raw").mkdir(parents=True)
-    write_idx(root / "raw" / "train-images.idx3-ubyte", np.zeros((3, 28, 28), np.uint8))
-    write_idx(root / "raw" / "train-labels.idx1-ubyte", np.arange(3, dtype=np.uint8))
-    x, y = load_mnist_family(root)
-    assert x.shape == (3, 1, 28, 28) and y.tolist() == [0, 1, 2]
-
-
 def test_load_count_mismatch(tmp_path):
     _fake_mnist_dir(tmp_path / "fm", label_count=19)
     with pytest.raises(ValueError) as ei:
@@ -234,10 +239,6 @@ def test_load_invalid_split_and_scale(tmp_path):
         load_mnist_family(tmp_path / "fm", "val")
     with pytest.raises(ValueError, match="'gan'.*'unit'"):
         load_mnist_family(tmp_path / "fm", scale="pm1")
-
-
-def test_default_dir_constant():
-    assert DEFAULT_FASHION_MNIST_DIR == "/usr/share/datasets/fashion-mnist"
 
 
 # ------------------------------------------------------------------- 2D mixtures
@@ -297,8 +298,11 @@ def test_mixture_errors():
         Mixture2D(torch.zeros(3, 3), 0.1, "bad")
     with pytest.raises(ValueError, match="std"):
         Mixture2D(torch.zeros(3, 2), 0.0, "bad")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="n must be >= 0, got -1"):
         mixture2d("ring8").sample(-1)
+    for bad in (2.0, True, "3"):
+        with pytest.raises(TypeError, match="n must be an int"):
+            mixture2d("ring8").sample(bad)
 
 
 # ------------------------------------------------------------------ BatchSampler
@@ -341,6 +345,20 @@ def test_sampler_permutations_differ_across_epochs_and_seeds():
     assert next(BatchSampler(50, 50, seed=0)).tolist() == perms[0]
 
 
+def test_sampler_permutation_is_numpy_pcg64():
+    """Permutations come from NumPy's PCG64 seeded by [seed, epoch], not torch's RNG."""
+    s = BatchSampler(20, 20, seed=7)
+    for epoch in range(3):
+        expected = np.random.Generator(np.random.PCG64([7, epoch])).permutation(20)
+        perm = s.permutation(epoch)
+        assert perm.dtype == torch.int64
+        assert perm.tolist() == expected.tolist()
+        assert next(s).tolist() == expected.tolist()
+    # negative seeds are taken mod 2**64
+    assert torch.equal(BatchSampler(5, 5, seed=-1).permutation(0),
+                       BatchSampler(5, 5, seed=2**64 - 1).permutation(0))
+
+
 @pytest.mark.parametrize("consumed", [0, 1, 2, 3, 5, 7])
 @pytest.mark.parametrize("drop_last", [True, False])
 def test_sampler_resume(consumed, drop_last):
@@ -369,8 +387,18 @@ def test_sampler_state_mismatch_and_validation():
     with pytest.raises(ValueError, match="batch_size"):
         BatchSampler(10, 11)
     BatchSampler(10, 11, drop_last=False)
-    with pytest.raises(ValueError, match="n"):
+    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
         BatchSampler(0, 1)
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(TypeError, match="batch_size must be an int"):
         BatchSampler(10, 2.0)
+    with pytest.raises(TypeError, match="n must be an int"):
+        BatchSampler(True, 1)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        BatchSampler(10, 2, seed=None)
+    with pytest.raises(TypeError, match="drop_last must be a bool"):
+        BatchSampler(10, 2, drop_last=1)
+    with pytest.raises(TypeError, match="epoch must be an int"):
+        s.load_state_dict({"epoch": 1.0, "position": 0})
+    with pytest.raises(ValueError, match="position must be <= n"):
+        s.load_state_dict({"epoch": 0, "position": 11})
     assert iter(s) is s

@@ -58,7 +58,6 @@ def test_fit_recovers_parameters(data, covariance_type, init):
     )
     gmm.fit(data)
     assert gmm.converged_
-    assert 1 <= gmm.n_iter_ <= 300
     perm = match_components(gmm.means, TRUE_MEANS)
     assert torch.allclose(gmm.means[perm], TRUE_MEANS, atol=0.2)
     assert torch.allclose(gmm.weights[perm], TRUE_WEIGHTS, atol=0.02)
@@ -130,14 +129,18 @@ def test_independent_fit_reaches_sklearn_optimum(data, covariance_type):
     assert abs(ours.score(data) - sk.score(data.numpy())) < 1e-3
 
 
-def test_em_step_matches_sklearn_from_same_start(data):
+@pytest.mark.parametrize("covariance_type", ["full", "diag"])
+def test_em_step_matches_sklearn_from_same_start(data, covariance_type):
     """One EM iteration from identical parameters gives identical parameters."""
     skm = pytest.importorskip("sklearn.mixture")
-    sk = skm.GaussianMixture(3, random_state=0, max_iter=2).fit(data.numpy())
+    sk = skm.GaussianMixture(
+        3, covariance_type=covariance_type, random_state=0, max_iter=2
+    ).fit(data.numpy())
     ours = GaussianMixture.from_parameters(
         torch.from_numpy(sk.weights_),
         torch.from_numpy(sk.means_),
         torch.from_numpy(sk.covariances_),
+        covariance_type=covariance_type,
     )
     _, log_resp_sk = sk._e_step(data.numpy())
     sk._m_step(data.numpy(), log_resp_sk)
@@ -146,6 +149,22 @@ def test_em_step_matches_sklearn_from_same_start(data):
     assert torch.allclose(ours.means, torch.from_numpy(sk.means_), atol=1e-10)
     assert torch.allclose(ours.covariances, torch.from_numpy(sk.covariances_), atol=1e-10)
     assert torch.allclose(ours.weights, torch.from_numpy(sk.weights_), atol=1e-12)
+
+
+def test_diag_covariance_is_centred_far_from_origin():
+    """Data at 1e4 with std 1e-2: E[x^2] - mean^2 would lose ~12 digits."""
+    g = torch.Generator().manual_seed(0)
+    x = 1e4 + 1e-2 * torch.randn(2000, 3, generator=g, dtype=torch.float64)
+    gmm = GaussianMixture(1, covariance_type="diag", reg_covar=1e-6, seed=0).fit(x)
+    expected = ((x - x.mean(0)) ** 2).mean(0) + 1e-6
+    rel = ((gmm.covariances[0] - expected).abs() / expected).max().item()
+    assert rel < 1e-6
+    torch.testing.assert_close(gmm.means[0], x.mean(0), rtol=1e-14, atol=0)
+    # the full model agrees on the diagonal
+    full = GaussianMixture(1, covariance_type="full", reg_covar=1e-6, seed=0).fit(x)
+    torch.testing.assert_close(
+        torch.diagonal(full.covariances[0]), gmm.covariances[0], rtol=1e-9, atol=0
+    )
 
 
 # ---------------------------------------------------------------- sampling
@@ -240,7 +259,7 @@ def test_state_dict_round_trip(data, covariance_type):
     for name in ("weights", "means", "covariances", "precisions_cholesky"):
         assert torch.equal(getattr(fresh, name), getattr(gmm, name))
     # loading into an incompatible model fails loudly
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="n_components=3 but this model has n_components=2"):
         GaussianMixture(2, covariance_type=covariance_type).load_state_dict(sd)
 
 
@@ -254,6 +273,19 @@ def test_determinism_with_seed(data):
     assert torch.equal(c.means, d.means)
 
 
+@pytest.mark.parametrize("init", ["kmeans++", "random"])
+def test_seed_none_follows_torch_global_rng(data, init):
+    def fit(s):
+        torch.manual_seed(s)
+        return GaussianMixture(3, init=init, max_iter=1).fit(data)
+
+    a, b = fit(1), fit(1)
+    assert torch.equal(a.means, b.means) and torch.equal(a.covariances, b.covariances)
+    assert a.lower_bound_ == b.lower_bound_
+    # a different global seed gives a different initialisation
+    assert not torch.equal(fit(2).means, a.means)
+
+
 # ------------------------------------------------------------------ errors
 def test_fit_errors_name_x():
     gmm = GaussianMixture(3)
@@ -263,8 +295,10 @@ def test_fit_errors_name_x():
         gmm.fit(torch.randn(10, dtype=torch.float64))  # wrong rank
     with pytest.raises(ValueError, match="`x`"):
         gmm.fit(torch.randn(2, 10, 2))  # wrong rank
-    with pytest.raises(ValueError, match="`x`"):
+    with pytest.raises(TypeError, match="`x` must have a floating dtype"):
         gmm.fit(torch.ones(10, 2, dtype=torch.int64))  # non-floating
+    with pytest.raises(TypeError, match="`x` must be a torch.Tensor"):
+        gmm.fit([[0.0, 1.0]] * 10)
     bad = torch.randn(10, 2)
     bad[3, 1] = float("nan")
     with pytest.raises(ValueError, match="`x`"):
@@ -288,28 +322,39 @@ def test_eval_input_errors(data):
     gmm = GaussianMixture(3, seed=0).fit(data)
     with pytest.raises(ValueError, match="`x`"):
         gmm.log_prob(torch.randn(4, 3))  # wrong number of features
-    with pytest.raises(ValueError, match="`x`"):
+    with pytest.raises(TypeError, match="`x` must have a floating dtype"):
         gmm.log_prob(torch.ones(4, 2, dtype=torch.int32))
+    with pytest.raises(TypeError, match="`n` must be an int"):
+        gmm.sample(2.0)
+    with pytest.raises(ValueError, match="`n` must be an int >= 0"):
+        gmm.sample(-1)
 
 
 @pytest.mark.parametrize(
-    "kwargs, name",
+    "kwargs, exc, name",
     [
-        ({"n_components": 0}, "n_components"),
-        ({"n_components": 2.5}, "n_components"),
-        ({"covariance_type": "spherical"}, "covariance_type"),
-        ({"tol": -1.0}, "tol"),
-        ({"max_iter": 0}, "max_iter"),
-        ({"reg_covar": -1e-3}, "reg_covar"),
-        ({"init": "kmeans"}, "init"),
-        ({"seed": 1.5}, "seed"),
-        ({"dtype": torch.int64}, "dtype"),
+        ({"n_components": 0}, ValueError, "n_components"),
+        ({"n_components": 2.5}, TypeError, "n_components"),
+        ({"n_components": True}, TypeError, "n_components"),
+        ({"covariance_type": "spherical"}, ValueError, "covariance_type"),
+        ({"tol": -1.0}, ValueError, "tol"),
+        ({"tol": float("nan")}, ValueError, "tol"),
+        ({"tol": "1e-3"}, TypeError, "tol"),
+        ({"max_iter": 0}, ValueError, "max_iter"),
+        ({"max_iter": 10.0}, TypeError, "max_iter"),
+        ({"reg_covar": -1e-3}, ValueError, "reg_covar"),
+        ({"reg_covar": None}, TypeError, "reg_covar"),
+        ({"init": "kmeans"}, ValueError, "init"),
+        ({"seed": 1.5}, TypeError, "seed"),
+        ({"seed": False}, TypeError, "seed"),
+        ({"dtype": torch.int64}, TypeError, "dtype"),
+        ({"dtype": None}, TypeError, "dtype"),
     ],
 )
-def test_constructor_validation(kwargs, name):
+def test_constructor_validation(kwargs, exc, name):
     kw = {"n_components": 2, **kwargs}
     n = kw.pop("n_components")
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(exc, match=f"`{name}`"):
         GaussianMixture(n, **kw)
 
 

@@ -62,6 +62,17 @@ def test_mixed_case_exact():
     assert r5.modes_covered == 4 and r5.high_quality_fraction == 6 / 8
 
 
+def test_exact_threshold_is_high_quality():
+    """Distance exactly threshold_std * std counts as high quality (``<=``)."""
+    means = ring8_means()
+    on_boundary = means[0] + torch.tensor([0.75, 0.0])  # (1.75, 0): 3 * 0.25 from mode 0
+    r = mode_coverage(on_boundary[None], means, 0.25)
+    assert r.high_quality_fraction == 1.0 and r.counts == [1, 0, 0, 0, 0, 0, 0, 0]
+    just_outside = torch.tensor([[math.nextafter(1.75, math.inf), 0.0]], dtype=torch.float64)
+    r = mode_coverage(just_outside, means, 0.25)
+    assert r.high_quality_fraction == 0.0 and r.modes_covered == 0
+
+
 def test_nonfinite_samples_are_low_quality():
     means = ring8_means()
     samples = torch.stack([means[0], torch.tensor([float("nan"), 0.0]), torch.tensor([float("inf"), 1.0])])
@@ -99,3 +110,16 @@ def test_shape_validation():
         mode_coverage(torch.zeros(5, 2), means, 0.01, threshold_std=-1)
     with pytest.raises(TypeError, match="means"):
         evaluate_mixture(torch.zeros(5, 2), object())
+
+
+def test_type_validation_and_array_likes():
+    means = ring8_means()
+    with pytest.raises(TypeError, match="samples must have a real"):
+        mode_coverage(torch.zeros(5, 2, dtype=torch.bool), means, 0.01)
+    with pytest.raises(TypeError, match="samples must have a real"):
+        mode_coverage(torch.zeros(5, 2, dtype=torch.complex64), means, 0.01)
+    with pytest.raises(TypeError, match="means must have a real"):
+        mode_coverage(torch.zeros(5, 2), means.to(torch.complex64), 0.01)
+    # array-likes and integer dtypes are accepted
+    r = mode_coverage([[1, 0], [0, 1]], means.tolist(), 0.01)
+    assert r.counts == [1, 0, 1, 0, 0, 0, 0, 0] and r.modes_covered == 2

@@ -3,8 +3,11 @@
 :class:`GaussianMixture` is a small, dependency-free (torch only) port of the
 semantics of ``sklearn.mixture.GaussianMixture`` (``n_init=1``):
 
-* M-step: ``weights = Nk / N``, ``Nk = sum_n resp[n, k] + 10 * eps``;
+* M-step: ``weights = Nk / sum(Nk)``, ``Nk = sum_n resp[n, k] + 10 * eps``;
   ``reg_covar`` is added to the diagonal of every estimated covariance.
+  Covariances (full and diag) are computed in the centred form
+  ``sum_n resp[n, k] (x_n - mu_k)^2 / Nk`` (sklearn's diag uses
+  ``E[x^2] - mu^2``, which cancels catastrophically for data far from 0).
 * Densities are evaluated through the Cholesky factor of the *precision*
   matrix (``precisions_cholesky``), exactly like scikit-learn, so that
   ``log N(x | mu, Sigma) = -D/2 log(2 pi) + log|P| - 1/2 ||(x - mu) P||^2``
@@ -16,9 +19,10 @@ semantics of ``sklearn.mixture.GaussianMixture`` (``n_init=1``):
 All arithmetic is done in ``dtype`` (``torch.float64`` by default: EM on
 float32 data loses several digits in the covariance updates and in
 ``logsumexp``, which makes log-likelihood comparisons and convergence tests
-flaky). The model follows the device of the data it is fitted on; inputs to
-the evaluation methods are moved to the parameters' dtype for the computation
-and results are returned on the input's device and in the input's dtype.
+flaky), whatever the dtype of the data. The model follows the device of the
+data it is fitted on; inputs to the evaluation methods are cast to ``dtype``
+for the computation and results are returned on the input's device and in the
+input's dtype.
 """
 
 from __future__ import annotations
@@ -37,20 +41,35 @@ _PARAM_BUFFERS = ("weights", "means", "covariances", "precisions_cholesky")
 _KMEANS_MAX_ITER = 100
 
 
-def _check_data(x: Any, name: str = "x", n_features: int | None = None) -> None:
-    """Validate an (N, D) floating tensor; raise ValueError naming ``name``."""
+def _check_int(name: str, value: Any, minimum: int | None = None) -> int:
+    """TypeError unless ``value`` is an int (bools rejected); ValueError if < ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_nonneg_float(name: str, value: Any) -> float:
+    """TypeError unless ``value`` is a real number (bools rejected); ValueError unless >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a float, got {type(value).__name__} {value!r}")
+    if not value >= 0:  # also rejects NaN
+        raise ValueError(f"`{name}` must be a float >= 0, got {value!r}")
+    return float(value)
+
+
+def _check_data(x: Any, n_features: int | None = None) -> None:
+    """Validate an (N, D) floating tensor ``x`` (TypeError: type/dtype, ValueError: shape)."""
     if not isinstance(x, Tensor):
-        raise ValueError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(
-            f"`{name}` must have shape (N, D) (rank 2), got shape {tuple(x.shape)}"
-        )
+        raise TypeError(f"`x` must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise ValueError(f"`{name}` must have a floating dtype, got {x.dtype}")
+        raise TypeError(f"`x` must have a floating dtype, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"`x` must have shape (N, D) (rank 2), got shape {tuple(x.shape)}")
     if n_features is not None and x.shape[1] != n_features:
         raise ValueError(
-            f"`{name}` has {x.shape[1]} features but the model was fitted "
-            f"with {n_features}"
+            f"`x` has {x.shape[1]} features but the model was fitted with {n_features}"
         )
 
 
@@ -97,16 +116,25 @@ class GaussianMixture(torch.nn.Module):
         max_iter: maximum number of EM iterations (>= 1).
         reg_covar: non-negative value added to the diagonal of every covariance
             estimate, to keep them positive definite.
-        init: ``"kmeans++"`` (k-means++ seeding followed by Lloyd iterations;
-            responsibilities are the hard k-means assignments) or ``"random"``
+        init: ``"kmeans++"`` or ``"random"``. ``"kmeans++"`` is greedy k-means++
+            seeding followed by Lloyd iterations (at most 100, until the
+            assignments stop changing), the initial responsibilities being the
+            hard k-means assignments: the semantics of sklearn's
+            ``init_params="kmeans"`` (not of its ``"k-means++"``, which uses
+            the seeding alone). ``"random"``
             (uniform random responsibilities, normalised per sample; as in
             sklearn this starts all means near the data mean, where the
             likelihood is flat, so it needs a small ``tol`` to get anywhere).
         seed: seed of the ``torch.Generator`` used by the initialisation;
-            ``None`` draws a fresh non-deterministic seed at every ``fit``.
+            ``None`` draws the seed from torch's global RNG at every ``fit``,
+            so ``torch.manual_seed`` makes the fit reproducible.
         dtype: floating dtype used for all computations and for the stored
             parameters (default ``torch.float64``, for numerical stability).
-            ``None`` uses the dtype of the data passed to ``fit``.
+
+    Raises:
+        TypeError: an argument of the wrong type (e.g. a float or bool
+            ``n_components``, a non-floating ``dtype``).
+        ValueError: an out-of-range value or an unknown option.
 
     Buffers (available after ``fit`` / ``from_parameters``; part of ``state_dict``):
         weights: (K,) mixture weights, sum to 1.
@@ -134,41 +162,24 @@ class GaussianMixture(torch.nn.Module):
         reg_covar: float = 1e-6,
         init: str = "kmeans++",
         seed: int | None = None,
-        dtype: torch.dtype | None = torch.float64,
+        dtype: torch.dtype = torch.float64,
     ) -> None:
         super().__init__()
-        if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 1:
-            raise ValueError(f"`n_components` must be an int >= 1, got {n_components!r}")
+        self.n_components = _check_int("n_components", n_components, 1)
         if covariance_type not in _COVARIANCE_TYPES:
             raise ValueError(
                 f"`covariance_type` must be one of {_COVARIANCE_TYPES}, got {covariance_type!r}"
             )
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
-            raise ValueError(f"`tol` must be a float >= 0, got {tol!r}")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"`max_iter` must be an int >= 1, got {max_iter!r}")
-        if (
-            isinstance(reg_covar, bool)
-            or not isinstance(reg_covar, (int, float))
-            or not reg_covar >= 0
-        ):
-            raise ValueError(f"`reg_covar` must be a float >= 0, got {reg_covar!r}")
+        self.covariance_type = covariance_type
+        self.tol = _check_nonneg_float("tol", tol)
+        self.max_iter = _check_int("max_iter", max_iter, 1)
+        self.reg_covar = _check_nonneg_float("reg_covar", reg_covar)
         if init not in _INITS:
             raise ValueError(f"`init` must be one of {_INITS}, got {init!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"`seed` must be an int or None, got {seed!r}")
-        if dtype is not None and (
-            not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
-        ):
-            raise ValueError(f"`dtype` must be a floating torch.dtype or None, got {dtype!r}")
-
-        self.n_components = n_components
-        self.covariance_type = covariance_type
-        self.tol = float(tol)
-        self.max_iter = max_iter
-        self.reg_covar = float(reg_covar)
         self.init = init
-        self.seed = seed
+        self.seed = None if seed is None else _check_int("seed", seed)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"`dtype` must be a floating torch.dtype, got {dtype!r}")
         self.dtype = dtype
 
         self.converged_: bool = False
@@ -177,9 +188,8 @@ class GaussianMixture(torch.nn.Module):
 
         # Shapes depend on D, unknown until fit: start empty, resized on
         # fit / load (see _load_from_state_dict).
-        buf_dtype = dtype if dtype is not None else torch.get_default_dtype()
         for name in _PARAM_BUFFERS:
-            self.register_buffer(name, torch.empty(0, dtype=buf_dtype))
+            self.register_buffer(name, torch.empty(0, dtype=dtype))
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -191,7 +201,7 @@ class GaussianMixture(torch.nn.Module):
         *,
         covariance_type: str = "full",
         **kwargs: Any,
-    ) -> "GaussianMixture":
+    ) -> GaussianMixture:
         """Build a fitted model from given parameters (e.g. sklearn's fitted ones).
 
         Args:
@@ -208,9 +218,7 @@ class GaussianMixture(torch.nn.Module):
         means_t = torch.as_tensor(means)
         device = means_t.device
         model = cls(int(means_t.shape[0]), covariance_type=covariance_type, **kwargs)
-        dtype = model.dtype if model.dtype is not None else (
-            means_t.dtype if means_t.is_floating_point() else torch.get_default_dtype()
-        )
+        dtype = model.dtype
         w = torch.as_tensor(weights).to(device=device, dtype=dtype)
         mu = means_t.to(device=device, dtype=dtype)
         cov = torch.as_tensor(covariances).to(device=device, dtype=dtype)
@@ -254,17 +262,9 @@ class GaussianMixture(torch.nn.Module):
                 "(or build it with GaussianMixture.from_parameters / load a state_dict)."
             )
 
-    def _compute_dtype(self, x: Tensor | None = None) -> torch.dtype:
-        if self.dtype is not None:
-            return self.dtype
-        if self.is_fitted:
-            return self.means.dtype
-        assert x is not None
-        return x.dtype
-
     # --------------------------------------------------------------- fitting
     @torch.no_grad()
-    def fit(self, x: Tensor) -> "GaussianMixture":
+    def fit(self, x: Tensor) -> GaussianMixture:
         """Fit the mixture to ``x`` with EM.
 
         Args:
@@ -284,14 +284,13 @@ class GaussianMixture(torch.nn.Module):
             )
         if not bool(torch.isfinite(x).all()):
             raise ValueError("`x` contains NaN or infinite values")
-        dtype = self.dtype if self.dtype is not None else x.dtype
+        dtype = self.dtype
         x = x.to(dtype)
 
-        gen = torch.Generator()  # CPU: same draws whatever the data device
-        if self.seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(self.seed)
+        # CPU generator: same draws whatever the data device. seed=None follows
+        # torch's global RNG, so torch.manual_seed(s) repeats a run.
+        seed = int(torch.randint(2**62, ())) if self.seed is None else self.seed
+        gen = torch.Generator().manual_seed(seed)
 
         if self.init == "kmeans++":
             labels = self._kmeans_labels(x, gen)
@@ -348,7 +347,7 @@ class GaussianMixture(torch.nn.Module):
 
     def _m_step(self, x: Tensor, resp: Tensor) -> None:
         """Maximum-likelihood parameters given responsibilities resp (N, K)."""
-        n, d = x.shape
+        d = x.shape[1]
         # 10 * eps avoids division by zero for empty components (as sklearn).
         nk = resp.sum(0) + 10 * torch.finfo(resp.dtype).eps
         means = (resp.T @ x) / nk[:, None]
@@ -359,9 +358,10 @@ class GaussianMixture(torch.nn.Module):
                 diff = x - means[k]
                 covs[k] = (resp[:, k, None] * diff).T @ diff / nk[k] + self.reg_covar * eye
         else:
-            avg_x2 = (resp.T @ (x * x)) / nk[:, None]
-            covs = avg_x2 - means * means + self.reg_covar
-        self._set_parameters(nk / n, means, covs)
+            # Centred form (not E[x^2] - mean^2, which cancels for data far from 0).
+            diff = x[:, None, :] - means  # (N, K, D)
+            covs = (resp[..., None] * diff * diff).sum(0) / nk[:, None] + self.reg_covar
+        self._set_parameters(nk / nk.sum(), means, covs)
 
     def _e_step(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Return (log p(x_n)) (N,) and log responsibilities (N, K)."""
@@ -380,11 +380,11 @@ class GaussianMixture(torch.nn.Module):
             log_det = torch.diagonal(pc, dim1=-2, dim2=-1).log().sum(-1)  # (K,)
             maha = torch.empty(x.shape[0], self.n_components, dtype=dt, device=dev)
             for k in range(self.n_components):
-                y = x @ pc[k] - mu[k] @ pc[k]
+                y = (x - mu[k]) @ pc[k]
                 maha[:, k] = (y * y).sum(1)
         else:
             log_det = pc.log().sum(-1)
-            y = x[:, None, :] * pc - mu * pc  # (N, K, D)
+            y = (x[:, None, :] - mu) * pc  # (N, K, D)
             maha = (y * y).sum(-1)
         return -0.5 * (d * math.log(2 * math.pi) + maha) + log_det + w.log()
 
@@ -392,7 +392,7 @@ class GaussianMixture(torch.nn.Module):
     def _prepare(self, x: Tensor) -> Tensor:
         self._check_fitted()
         _check_data(x, n_features=self.n_features)
-        return x.to(self._compute_dtype())
+        return x.to(self.dtype)
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Per-sample log density ``log p(x_n)``.
@@ -435,8 +435,7 @@ class GaussianMixture(torch.nn.Module):
             component: (n,) int64, the component each sample was drawn from.
         """
         self._check_fitted()
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"`n` must be an int >= 0, got {n!r}")
+        n = _check_int("n", n, 0)
         dev, dt = self.means.device, self.means.dtype
         d = self.n_features
         if n == 0:
@@ -499,8 +498,7 @@ class GaussianMixture(torch.nn.Module):
             src = state_dict.get(prefix + name)
             cur = self._buffers[name]
             if isinstance(src, Tensor) and cur is not None and cur.shape != src.shape:
-                dt = self.dtype if self.dtype is not None else src.dtype
-                self._buffers[name] = torch.empty(src.shape, dtype=dt, device=cur.device)
+                self._buffers[name] = torch.empty(src.shape, dtype=self.dtype, device=cur.device)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
