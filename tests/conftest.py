@@ -23,3 +23,10 @@ def nan_poison(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poisoned(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poisoned(empty_like(*a, **k)))
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where kernel tests put their tensors: CUDA when there is one (compiled kernels), else the
+    CPU (the Triton interpreter, which the root conftest switches on without CUDA)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

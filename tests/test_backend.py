@@ -13,10 +13,11 @@ from fastgen import functional as F
 
 
 @pytest.fixture(autouse=True)
-def clean_failures(monkeypatch):
+def clean_failures(monkeypatch, device):
     monkeypatch.delenv("FASTGEN_BACKEND", raising=False)
     backend.reset_failures()
-    yield
+    with device:  # tensors where the kernels run: CUDA, or the CPU through the interpreter
+        yield
     backend.reset_failures()
 
 
@@ -24,8 +25,8 @@ def _grad_fn_name(t: torch.Tensor) -> str:
     return type(t.grad_fn).__name__
 
 
-def _loss():
-    return F.bce_with_logits(torch.randn(3, 4, requires_grad=True), torch.rand(3, 4))
+def _loss(device=None):
+    return F.bce_with_logits(torch.randn(3, 4, requires_grad=True, device=device), torch.rand(3, 4, device=device))
 
 
 def test_default_is_auto_and_env_and_context_override(monkeypatch):
@@ -54,7 +55,8 @@ def test_each_backend_runs_its_path():
         assert _grad_fn_name(_loss()) == "MeanBackward0"
     with fastgen.use_backend("triton"):
         assert _grad_fn_name(_loss()) == "_BCEWithLogitsBackward"
-    # conftest sets TRITON_INTERPRET=1 without CUDA, so "auto" runs the kernels on CPU tensors.
+    # "auto" runs the kernels on CUDA tensors, and on CPU tensors under the interpreter that
+    # conftest switches on without CUDA.
     assert _grad_fn_name(_loss()) == "_BCEWithLogitsBackward"
 
 
@@ -90,9 +92,9 @@ def test_triton_backend_raises_instead_of_falling_back(monkeypatch):
 def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with fastgen.use_backend("triton"), pytest.raises(RuntimeError, match="needs CUDA tensors.*cpu"):
-        _loss()
+        _loss("cpu")
     # "auto" quietly takes the reference for CPU tensors when the interpreter is off.
-    assert _grad_fn_name(_loss()) == "MeanBackward0"
+    assert _grad_fn_name(_loss("cpu")) == "MeanBackward0"
 
 
 def test_validation_errors_are_not_swallowed_by_auto():
