@@ -8,13 +8,16 @@ or the reference.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from fastgen import backend, reference
 from fastgen.reference import REDUCTIONS, DLossOutput, GLossOutput
 
-__all__ = ["bce_with_logits", "gan_d_loss", "gan_g_loss", "DLossOutput", "GLossOutput"]
+__all__ = ["bce_with_logits", "gan_d_loss", "gan_g_loss", "DLossOutput", "GLossOutput",
+           "reparameterize", "log_normal_diag"]
 
 
 def _kernels():
@@ -219,3 +222,561 @@ def gan_g_loss(fake_logits: Tensor, *, saturating: bool = False) -> GLossOutput:
     return backend.dispatch(
         "gan_g_loss", (fake_logits,), fused,
         lambda: reference.gan_g_loss(fake_logits, saturating=saturating))
+
+
+# ----------------------------------------------------------------------------------------------
+# Conv + BatchNorm + activation
+#
+# Three modes share one autograd Function: "train" (batch statistics, running-stat update),
+# "eval" (running statistics folded into a per-channel scale and shift) and "bias" (a conv bias,
+# no BN). The kernels compute the new running statistics into new tensors; the functions below
+# copy them into the caller's buffers, outside autograd, as torch's batch_norm does in place.
+
+
+def _conv_kernels():
+    """The conv-BN-activation kernels, imported on first use (see _kernels)."""
+    from fastgen.kernels import conv_bn_act
+    return conv_bn_act
+
+
+class _ConvSpec(NamedTuple):
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    output_padding: tuple[int, int]
+    transposed: bool
+    mode: str  # "train" | "eval" | "bias"
+    momentum: float
+    eps: float
+    activation: str
+    negative_slope: float
+
+
+def _pair(name: str, value: int | tuple[int, int], minimum: int) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and v >= minimum for v in pair):
+        raise ValueError(f"{name}: expected an int >= {minimum} or a pair of them, got {value!r}")
+    return pair
+
+
+def _nhwc(t: Tensor) -> Tensor:
+    """(N, C, H, W) -> its (N, H, W, C) contiguous form (free for channels_last tensors)."""
+    return t.permute(0, 2, 3, 1).contiguous()
+
+
+def _channels_last_out(x: Tensor) -> bool:
+    """Outputs keep the input's memory format, as PyTorch's conv and BN do (so ``.view`` works
+    where it worked before): channels_last for a channels_last input, NCHW otherwise."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _affine_or_default(param: Tensor | None, fill: float, channels: int, like: Tensor) -> Tensor:
+    if param is not None:
+        return param
+    return torch.full((channels,), fill, dtype=_conv_kernels().acc_dtype(like.dtype), device=like.device)
+
+
+def _folded_coef(spec: _ConvSpec, gamma: Tensor | None, beta: Tensor | None,
+                 running_mean: Tensor | None, running_var: Tensor | None, channels: int,
+                 like: Tensor) -> Tensor:
+    """Rows zscale, zshift, mean, rstd of z = y * zscale + zshift for the "eval" and "bias" modes."""
+    acc = _conv_kernels().acc_dtype(like.dtype)
+    shift = _affine_or_default(beta, 0.0, channels, like).to(acc)
+    if spec.mode == "bias":
+        ones = torch.ones(channels, dtype=acc, device=like.device)
+        return torch.stack([ones, shift, torch.zeros_like(ones), ones])
+    rstd = torch.rsqrt(running_var.to(acc) + spec.eps)
+    zscale = _affine_or_default(gamma, 1.0, channels, like).to(acc) * rstd
+    mean = running_mean.to(acc)
+    return torch.stack([zscale, shift - mean * zscale, mean, rstd])
+
+
+def _batch_stats(part: Tensor, spec: _ConvSpec, gamma: Tensor | None, beta: Tensor | None,
+                 running_mean: Tensor | None, running_var: Tensor | None, like: Tensor) -> Tensor:
+    """Batch statistics (bn_combine_stats rows) from per-tile partials."""
+    channels = part.shape[2]
+    return _conv_kernels().bn_combine_stats(part, _affine_or_default(gamma, 1.0, channels, like),
+                                            _affine_or_default(beta, 0.0, channels, like),
+                                            running_mean, running_var, spec.momentum, spec.eps)
+
+
+def _param_grads(spec: _ConvSpec, coef: Tensor, gamma: Tensor | None, beta: Tensor | None,
+                 needs: tuple[bool, bool]) -> tuple[Tensor | None, Tensor | None]:
+    """(d gamma, d beta) from the gradient coefficients (beta is the bias in mode "bias")."""
+    dgamma, dbeta = _conv_kernels().param_grads(coef)
+    return (dgamma.to(gamma.dtype) if needs[0] and spec.mode != "bias" else None,
+            dbeta.to(beta.dtype) if needs[1] else None)
+
+
+class _ConvBNAct(torch.autograd.Function):
+    """act(BN(conv(x))) or act(conv(x) + bias). Returns (out, stats): stats holds the new running
+    mean and var in rows 4 and 5 in mode "train" (no gradient; empty otherwise).
+
+    Saves x (NHWC), the weight, the pre-BN y and the per-channel coefficients; backward
+    recomputes z and the activation from y.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, gamma: Tensor | None, beta: Tensor | None,
+                running_mean: Tensor | None, running_var: Tensor | None,
+                spec: _ConvSpec) -> tuple[Tensor, Tensor]:
+        kernels = _conv_kernels()
+        x_nhwc = _nhwc(x)
+        out_hw = _conv_out_hw(tuple(x.shape[2:]), tuple(weight.shape[2:]), spec.stride,
+                              spec.padding, spec.output_padding, spec.transposed)
+        conv_args = (x_nhwc, weight, out_hw, spec.stride, spec.padding, spec.transposed)
+        if spec.mode == "train":
+            y, part = kernels.conv_stats_forward(*conv_args)
+            stats = _batch_stats(part, spec, gamma, beta, running_mean, running_var, x)
+            coef = stats[:4]
+            out = kernels.bn_act_apply(y, coef, spec.activation, spec.negative_slope,
+                                       _channels_last_out(x))
+        else:
+            channels = weight.shape[1] if spec.transposed else weight.shape[0]
+            coef = _folded_coef(spec, gamma, beta, running_mean, running_var, channels, x)
+            out, y = kernels.conv_affine_act_forward(*conv_args, coef, spec.activation,
+                                                     spec.negative_slope,
+                                                     any(ctx.needs_input_grad[:4]),
+                                                     _channels_last_out(x))
+            stats = coef.new_empty(0)
+        ctx.spec = spec
+        ctx.save_for_backward(x_nhwc, weight, y, coef, gamma, beta)
+        ctx.mark_non_differentiable(stats)
+        return out, stats
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # double backward raises, never wrong
+    def backward(ctx, grad_out: Tensor, _grad_stats: Tensor):
+        kernels = _conv_kernels()
+        spec = ctx.spec
+        x_nhwc, weight, y, fwd_coef, gamma, beta = ctx.saved_tensors
+        dout = _nhwc(grad_out.to(y.dtype))
+        coef = kernels.bn_act_grad_coef(dout, y, fwd_coef, spec.activation, spec.negative_slope,
+                                        training=spec.mode == "train")
+        grad_args = (spec.stride, spec.padding, spec.transposed, spec.activation, spec.negative_slope)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = kernels.conv_input_grad(dout, y, coef, weight, tuple(x_nhwc.shape[1:3]),
+                                         *grad_args).permute(0, 3, 1, 2)
+        if ctx.needs_input_grad[1]:
+            dw = kernels.conv_weight_grad(x_nhwc, dout, y, coef, weight.shape, *grad_args,
+                                          dtype=weight.dtype)
+        dgamma, dbeta = _param_grads(spec, coef, gamma, beta, ctx.needs_input_grad[2:4])
+        return dx, dw, dgamma, dbeta, None, None, None
+
+
+class _BNAct(torch.autograd.Function):
+    """act(BN(x)) ("train" or "eval" mode); returns (out, stats) as _ConvBNAct. Saves x and
+    the per-channel coefficients."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, gamma: Tensor | None, beta: Tensor | None,
+                running_mean: Tensor | None, running_var: Tensor | None,
+                spec: _ConvSpec) -> tuple[Tensor, Tensor]:
+        kernels = _conv_kernels()
+        x_nhwc = _nhwc(x)
+        if spec.mode == "train":
+            stats = _batch_stats(kernels.bn_partial_stats(x_nhwc), spec, gamma, beta,
+                                 running_mean, running_var, x)
+            coef = stats[:4]
+        else:
+            coef = _folded_coef(spec, gamma, beta, running_mean, running_var, x.shape[1], x)
+            stats = coef.new_empty(0)
+        out = kernels.bn_act_apply(x_nhwc, coef, spec.activation, spec.negative_slope,
+                                   _channels_last_out(x))
+        ctx.spec = spec
+        ctx.save_for_backward(x_nhwc, coef, gamma, beta)
+        ctx.mark_non_differentiable(stats)
+        return out, stats
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # double backward raises, never wrong
+    def backward(ctx, grad_out: Tensor, _grad_stats: Tensor):
+        kernels = _conv_kernels()
+        spec = ctx.spec
+        x_nhwc, fwd_coef, gamma, beta = ctx.saved_tensors
+        dout = _nhwc(grad_out.to(x_nhwc.dtype))
+        coef = kernels.bn_act_grad_coef(dout, x_nhwc, fwd_coef, spec.activation,
+                                        spec.negative_slope, training=spec.mode == "train")
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = kernels.bn_act_input_grad(dout, x_nhwc, coef, spec.activation,
+                                           spec.negative_slope).permute(0, 3, 1, 2)
+        dgamma, dbeta = _param_grads(spec, coef, gamma, beta, ctx.needs_input_grad[1:3])
+        return dx, dgamma, dbeta, None, None, None
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in reference.ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {', '.join(reference.ACTIVATIONS)}, "
+                         f"got {activation!r}")
+
+
+def _check_4d(name: str, t: object) -> Tensor:
+    _check_tensor(name, t)
+    if t.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-d tensor, got shape {tuple(t.shape)}")
+    return t
+
+
+def _check_channel_vectors(channels: int, **vectors: Tensor | None) -> None:
+    for name, v in vectors.items():
+        if v is not None:
+            _check_tensor(name, v)
+            if v.shape != (channels,):
+                raise ValueError(f"{name}: expected shape ({channels},), got {tuple(v.shape)}")
+
+
+def _check_bn(x_name: str, x: Tensor, out_shape: tuple[int, ...], training: bool,
+              bn_weight: Tensor | None, bn_bias: Tensor | None, running_mean: Tensor | None,
+              running_var: Tensor | None, momentum: float, eps: float) -> None:
+    """BN checks shared by conv_bn_act and bn_act; ``out_shape`` is the BN input's shape."""
+    _check_channel_vectors(out_shape[1], bn_weight=bn_weight, bn_bias=bn_bias,
+                           running_mean=running_mean, running_var=running_var)
+    present = {x_name: x, **{name: v for name, v in (("bn_weight", bn_weight), ("bn_bias", bn_bias),
+               ("running_mean", running_mean), ("running_var", running_var)) if v is not None}}
+    _check_same_device(**present)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean, running_var: pass both or neither")
+    if not training and running_mean is None:
+        raise ValueError("running_mean, running_var: eval mode (training=False) needs running statistics")
+    if training and out_shape[0] * out_shape[2] * out_shape[3] <= 1:
+        # PyTorch's own message (torch.nn.functional._verify_batch_size)
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"{torch.Size(out_shape)}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum: expected a value in [0, 1], got {momentum!r}")
+    if not eps > 0.0:
+        raise ValueError(f"eps: expected a positive value, got {eps!r}")
+
+
+def _check_conv(x: Tensor, weight: Tensor, stride: int | tuple[int, int],
+                padding: int | tuple[int, int], output_padding: int | tuple[int, int],
+                transposed: bool) -> tuple[_ConvSpec, tuple[int, int, int, int]]:
+    """Conv checks; returns the spec's geometry (mode etc. still to fill in) and the output shape."""
+    _check_4d("x", x)
+    _check_4d("weight", weight)
+    _check_same_device(x=x, weight=weight)
+    _check_same_dtype(x=x, weight=weight)
+    stride = _pair("stride", stride, 1)
+    padding = _pair("padding", padding, 0)
+    output_padding = _pair("output_padding", output_padding, 0)
+    if not transposed and output_padding != (0, 0):
+        raise ValueError(f"output_padding: only a transposed conv takes it, got {output_padding!r}")
+    if any(o >= s for o, s in zip(output_padding, stride)):
+        raise ValueError(f"output_padding: must be smaller than stride {stride}, got {output_padding}")
+    in_channels, out_channels = weight.shape[:2] if transposed else weight.shape[1::-1]
+    if x.shape[1] != in_channels:
+        raise ValueError(f"x: expected {in_channels} channels (weight {tuple(weight.shape)}), "
+                         f"got {x.shape[1]}")
+    out_hw = _conv_out_hw(tuple(x.shape[2:]), tuple(weight.shape[2:]), stride, padding,
+                                    output_padding, transposed)
+    if min(out_hw) < 1:
+        raise ValueError(f"x: spatial size {tuple(x.shape[2:])} is too small for kernel "
+                         f"{tuple(weight.shape[2:])} with padding {padding}: output {out_hw}")
+    spec = _ConvSpec(stride, padding, output_padding, transposed, "", 0.0, 0.0, "", 0.0)
+    return spec, (x.shape[0], out_channels, *out_hw)
+
+
+def _conv_out_hw(in_hw: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int],
+                 padding: tuple[int, int], output_padding: tuple[int, int],
+                 transposed: bool) -> tuple[int, int]:
+    """Output (H, W) of a Conv2d (or ConvTranspose2d), as PyTorch computes it."""
+    if transposed:
+        return tuple((i - 1) * s - 2 * p + k + o
+                     for i, k, s, p, o in zip(in_hw, kernel, stride, padding, output_padding))
+    return tuple((i + 2 * p - k) // s + 1 for i, k, s, p in zip(in_hw, kernel, stride, padding))
+
+
+@torch.compiler.disable
+def _apply_fused(function: type[torch.autograd.Function], running_mean: Tensor | None,
+                 running_var: Tensor | None, *args) -> Tensor:
+    """``function.apply(*args)`` -> (out, stats); copies new running statistics into the buffers.
+
+    torch.compile runs this eagerly (a graph break): Triton's launcher is not traceable until
+    the ops are registered with torch.library.triton_op (DESIGN.md, Backend).
+    """
+    out, stats = function.apply(*args)
+    if running_mean is not None and stats.numel():
+        with torch.no_grad():
+            running_mean.copy_(stats[4])
+            running_var.copy_(stats[5])
+    return out
+
+
+def conv_bn_act(x: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
+                running_mean: Tensor | None, running_var: Tensor | None, *,
+                stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
+                output_padding: int | tuple[int, int] = 0, transposed: bool = False,
+                training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
+                activation: str = "relu", negative_slope: float = 0.2) -> Tensor:
+    """Conv2d (or ConvTranspose2d), no bias, then BatchNorm2d, then an activation, fused.
+
+    The numbers of ``nn.Sequential(nn.Conv2d(..., bias=False) or nn.ConvTranspose2d(...,
+    bias=False), nn.BatchNorm2d(C_out), act)``; in training mode ``running_mean``/``running_var``
+    are updated in place (momentum, unbiased variance) as torch does. Training: an implicit-GEMM
+    conv storing the pre-BN output and per-tile statistics, a deterministic combine, one
+    normalize + activate pass. Eval: one launch, BN folded into the conv's epilogue.
+
+    Args:
+        x: ``(N, C_in, H, W)``, float32 / float16 / bfloat16 (float64 runs too), any memory format.
+        weight: ``(C_out, C_in, kH, kW)`` for a conv, ``(C_in, C_out, kH, kW)`` when
+            ``transposed``; x's dtype and device. Groups and dilation are not supported.
+        bn_weight, bn_bias: ``(C_out,)`` BN affine parameters, or None for no affine transform.
+        running_mean, running_var: ``(C_out,)`` float buffers, or None (training only).
+        stride, padding, output_padding: ints or pairs; output_padding only when ``transposed``
+            and smaller than stride.
+        training: batch statistics (and running-stat update) or running statistics.
+        activation: "identity", "relu", "leaky_relu" (``negative_slope``), "tanh" or "sigmoid".
+
+    Returns:
+        ``(N, C_out, H_out, W_out)`` in x's dtype and memory format (channels_last in,
+        channels_last out; otherwise contiguous).
+    """
+    spec, out_shape = _check_conv(x, weight, stride, padding, output_padding, transposed)
+    _check_bn("x", x, out_shape, training, bn_weight, bn_bias, running_mean, running_var, momentum, eps)
+    _check_activation(activation)
+    spec = spec._replace(mode="train" if training else "eval", momentum=float(momentum),
+                         eps=float(eps), activation=activation, negative_slope=float(negative_slope))
+
+    return backend.dispatch(
+        "conv_bn_act", (x, weight),
+        lambda: _apply_fused(_ConvBNAct, running_mean, running_var, x, weight, bn_weight, bn_bias,
+                             running_mean, running_var, spec),
+        lambda: reference.conv_bn_act(
+            x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
+            padding=padding, output_padding=output_padding, transposed=transposed,
+            training=training, momentum=momentum, eps=eps, activation=activation,
+            negative_slope=negative_slope))
+
+
+def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor | None, *,
+                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
+                  output_padding: int | tuple[int, int] = 0, transposed: bool = False,
+                  activation: str = "relu", negative_slope: float = 0.2) -> Tensor:
+    """Conv2d (or ConvTranspose2d) + optional bias + activation in one launch (a layer without BN:
+    a DCGAN discriminator's first layer, the generator's Tanh output).
+
+    Args as :func:`conv_bn_act`; ``bias``: ``(C_out,)`` or None. Backward recomputes the
+    activation from the saved conv output.
+
+    Returns:
+        ``(N, C_out, H_out, W_out)`` in x's dtype.
+    """
+    spec, out_shape = _check_conv(x, weight, stride, padding, output_padding, transposed)
+    _check_channel_vectors(out_shape[1], bias=bias)
+    if bias is not None:
+        _check_same_device(x=x, bias=bias)
+    _check_activation(activation)
+    spec = spec._replace(mode="bias", activation=activation, negative_slope=float(negative_slope))
+    return backend.dispatch(
+        "conv_bias_act", (x, weight),
+        lambda: _apply_fused(_ConvBNAct, None, None, x, weight, None, bias, None, None, spec),
+        lambda: reference.conv_bias_act(x, weight, bias, stride=stride, padding=padding,
+                                        output_padding=output_padding, transposed=transposed,
+                                        activation=activation, negative_slope=negative_slope))
+
+
+def bn_act(x: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
+           running_mean: Tensor | None, running_var: Tensor | None, *, training: bool = True,
+           momentum: float = 0.1, eps: float = 1e-5, activation: str = "relu",
+           negative_slope: float = 0.2) -> Tensor:
+    """BatchNorm2d + activation (conv_bn_act without the conv): statistics, combine and apply
+    passes in training, one pass in eval; running statistics updated in place as torch does.
+
+    Args:
+        x: ``(N, C, H, W)``, floating, any memory format. Other arguments as :func:`conv_bn_act`.
+
+    Returns:
+        ``(N, C, H, W)`` in x's dtype.
+    """
+    _check_4d("x", x)
+    _check_bn("x", x, tuple(x.shape), training, bn_weight, bn_bias, running_mean, running_var,
+              momentum, eps)
+    _check_activation(activation)
+    spec = _ConvSpec((1, 1), (0, 0), (0, 0), False, "train" if training else "eval",
+                     float(momentum), float(eps), activation, float(negative_slope))
+
+    return backend.dispatch(
+        "bn_act", (x,),
+        lambda: _apply_fused(_BNAct, running_mean, running_var, x, bn_weight, bn_bias, running_mean,
+                             running_var, spec),
+        lambda: reference.bn_act(x, bn_weight, bn_bias, running_mean, running_var,
+                                 training=training, momentum=momentum, eps=eps,
+                                 activation=activation, negative_slope=negative_slope))
+
+
+__all__ += ["conv_bn_act", "conv_bias_act", "bn_act"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reparameterization
+#
+# The noise comes from Philox inside the kernels, keyed by (seed, offset) taken from torch's
+# generator, so torch.manual_seed repeats a run; the reference path draws torch.randn instead:
+# the two paths give different numbers from the same distribution.
+
+
+def _reparam_kernels():
+    """The reparameterization kernels, imported on first use (see _kernels)."""
+    from fastgen.kernels import reparam
+    return reparam
+
+
+# Philox keys stay below 2**63 (one kernel signature); the tag keeps fastgen's noise apart from
+# the streams torch's own CUDA random ops draw under the same generator seed.
+_PHILOX_KEY_TAG = 0x3C6E_F372_FE94_F82B
+_PHILOX_KEY_MASK = 2**63 - 1
+
+
+def _philox_seed_offset(generator: torch.Generator | None, device: torch.device,
+                        counters: int) -> tuple[int, int]:
+    """(key, first counter) for a call that uses ``counters`` Philox counters.
+
+    CUDA: the generator's seed and Philox offset, the offset then advanced past this call's
+    counters (rounded up to torch's unit of 4), as torch's own CUDA random ops do: no launch, no
+    sync. ``torch.manual_seed`` resets both, so a run repeats, and successive calls never share a
+    counter. Not capturable in a CUDA graph (the offset is read on the host).
+    Elsewhere (the CPU generator is a Mersenne Twister, with no offset): a fresh 62-bit key drawn
+    from the generator per call, counters from 0.
+    """
+    if device.type == "cuda":
+        if generator is None:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            generator = torch.cuda.default_generators[index]
+        seed, offset = generator.initial_seed(), generator.get_offset()
+        generator.set_offset(offset + -(-counters // 4) * 4)
+    else:
+        seed = int(torch.randint(2**62, (), generator=generator).item())
+        offset = 0
+    return (seed ^ _PHILOX_KEY_TAG) & _PHILOX_KEY_MASK, offset
+
+
+def _check_gaussian(mu: Tensor, logvar: Tensor) -> None:
+    _check_tensor("mu", mu)
+    _check_tensor("logvar", logvar)
+    if mu.dim() != 2:
+        raise ValueError(f"mu: expected shape (B, D) (rank 2), got shape {tuple(mu.shape)}")
+    if logvar.shape != mu.shape:
+        raise ValueError(f"logvar: expected the shape of mu {tuple(mu.shape)}, got {tuple(logvar.shape)}")
+    _check_same_device(mu=mu, logvar=logvar)
+    _check_same_dtype(mu=mu, logvar=logvar)
+
+
+class _Reparameterize(torch.autograd.Function):
+    """z and the KL in one launch; backward regenerates eps from the saved (seed, offset)."""
+
+    @staticmethod
+    def forward(ctx, mu: Tensor, logvar: Tensor, samples: int, seed: int, offset: int
+                ) -> tuple[Tensor, Tensor]:
+        mu, logvar = mu.contiguous(), logvar.contiguous()
+        z, kl = _reparam_kernels().reparameterize_forward(mu, logvar, samples, seed, offset)
+        ctx.save_for_backward(mu, logvar)
+        ctx.samples, ctx.seed, ctx.offset = samples, seed, offset
+        # An unused output gets None, not zeros: the kernel then skips that term (and the RNG).
+        ctx.set_materialize_grads(False)
+        return z, kl
+
+    @staticmethod
+    def backward(ctx, grad_z: Tensor | None, grad_kl: Tensor | None):
+        if grad_z is None and grad_kl is None:
+            return None, None, None, None, None
+        mu, logvar = ctx.saved_tensors
+        grad_mu, grad_logvar = _reparam_kernels().reparameterize_backward(
+            mu, logvar, None if grad_z is None else grad_z.contiguous(),
+            None if grad_kl is None else grad_kl.contiguous(), ctx.samples, ctx.seed, ctx.offset)
+        return grad_mu, grad_logvar, None, None, None
+
+
+def reparameterize(mu: Tensor, logvar: Tensor, *, samples: int = 1,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Draw ``z = mu + exp(0.5 * logvar) * eps``, ``eps ~ N(0, I)``, and the KL term to N(0, I).
+
+    One kernel launch forward, one backward; eps is never stored: the backward regenerates it
+    from the Philox (seed, offset) of the forward. logvar is clamped at 80 (zero gradient above),
+    so logvar in [-80, 80] gives finite z, KL and gradients (fp32 math; fp16 outputs overflow
+    where values pass 65504).
+
+    Args:
+        mu, logvar: ``(B, D)``, one floating dtype (float32 / float16 / bfloat16; float64 runs in
+            float64), one device.
+        samples: draws per row, >= 1; ``samples > 1`` gives z a leading sample dimension (IWAE).
+        generator: where the noise's seed comes from: a generator on mu's device type, or None
+            for the default one. ``torch.manual_seed(s)`` then the same calls gives the same z,
+            bit for bit; successive calls use fresh noise.
+
+    Returns:
+        z: ``(B, D)``, or ``(samples, B, D)`` when ``samples > 1``, in mu's dtype.
+        kl: ``(B,)`` in mu's dtype, ``0.5 * sum_j (mu^2 + exp(logvar) - 1 - logvar)``.
+    """
+    _check_gaussian(mu, logvar)
+    if isinstance(samples, bool) or not isinstance(samples, int):
+        raise TypeError(f"samples: expected an int, got {type(samples).__name__}")
+    if samples < 1:
+        raise ValueError(f"samples: expected at least 1, got {samples}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+        if generator.device.type != mu.device.type:
+            raise ValueError(f"generator: expected a generator on mu's device type {mu.device.type!r}, "
+                             f"got one on {generator.device}")
+
+    def fused() -> tuple[Tensor, Tensor]:
+        counters = _reparam_kernels().counters_used(samples, *mu.shape)
+        seed, offset = _philox_seed_offset(generator, mu.device, counters)
+        return _Reparameterize.apply(mu, logvar, samples, seed, offset)
+
+    return backend.dispatch(
+        "reparameterize", (mu, logvar), fused,
+        lambda: reference.reparameterize(mu, logvar, samples=samples, generator=generator))
+
+
+class _LogNormalDiag(torch.autograd.Function):
+    """Log-density rows in one launch; backward in one launch from the saved inputs."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, mu: Tensor | None, logvar: Tensor | None) -> Tensor:
+        z = z.contiguous()
+        if mu is not None:
+            mu, logvar = mu.contiguous(), logvar.contiguous()
+        ctx.save_for_backward(z, mu, logvar)
+        return _reparam_kernels().log_normal_diag_forward(z, mu, logvar)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        z, mu, logvar = ctx.saved_tensors
+        return _reparam_kernels().log_normal_diag_backward(
+            z, mu, logvar, grad_out.contiguous(), ctx.needs_input_grad[0])
+
+
+def log_normal_diag(z: Tensor, mu: Tensor | None = None, logvar: Tensor | None = None) -> Tensor:
+    """``log N(z; mu, diag(exp(logvar)))`` summed over the last dimension, in one pass over z.
+
+    With z from :func:`reparameterize`, ``log_normal_diag(z)`` is log p(z) under the prior and
+    ``log_normal_diag(z, mu, logvar)`` is log q(z|x): the importance weight of an IWAE bound is
+    ``log p(x|z) + log_normal_diag(z) - log_normal_diag(z, mu, logvar)``, with no temporary the
+    size of z. logvar is clamped at 80 as in :func:`reparameterize`.
+
+    Args:
+        z: ``(B, D)`` or ``(S, B, D)``, floating.
+        mu, logvar: ``(B, D)``, shared by the S samples, z's dtype and device; or both None for
+            the standard normal N(0, I).
+
+    Returns:
+        ``z.shape[:-1]`` (``(B,)`` or ``(S, B)``) in z's dtype.
+    """
+    _check_tensor("z", z)
+    if z.dim() not in (2, 3):
+        raise ValueError(f"z: expected shape (B, D) or (S, B, D), got shape {tuple(z.shape)}")
+    if (mu is None) != (logvar is None):
+        raise ValueError("mu, logvar: give both, or neither for the standard normal")
+    if mu is not None:
+        _check_gaussian(mu, logvar)
+        if z.shape[-2:] != mu.shape:
+            raise ValueError(f"z: expected shape (..., {mu.shape[0]}, {mu.shape[1]}) to match mu, "
+                             f"got {tuple(z.shape)}")
+        _check_same_device(z=z, mu=mu)
+        _check_same_dtype(z=z, mu=mu)
+    tensors = (z,) if mu is None else (z, mu, logvar)
+    return backend.dispatch(
+        "log_normal_diag", tensors, lambda: _LogNormalDiag.apply(z, mu, logvar),
+        lambda: reference.log_normal_diag(z, mu, logvar))

@@ -8,6 +8,7 @@ chosen, so both paths see the same checks.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -106,9 +107,19 @@ def gan_g_loss(fake_logits: Tensor, *, saturating: bool = False) -> GLossOutput:
 # Reparameterization
 
 
+# exp(logvar) stays finite in fp32, and so does a row's sum of a few thousand of them.
+LOGVAR_MAX = 80.0
+LOG_2PI = math.log(2.0 * math.pi)
+
+
 def reparameterize(mu: Tensor, logvar: Tensor, *, samples: int = 1,
                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Draw ``z = mu + exp(0.5 * logvar) * eps`` with ``eps ~ N(0, I)``, and the KL term to N(0, I).
+
+    logvar is clamped at :data:`LOGVAR_MAX` (80) first, in z and in the KL alike (zero gradient
+    above it, as for ``torch.clamp``), so that logvar in [-80, 80] gives finite results in fp32.
+    eps comes from ``torch.randn``: the fused path draws other numbers (Philox) from the same
+    distribution.
 
     Args:
         mu, logvar: ``(B, D)``, floating dtype.
@@ -122,9 +133,36 @@ def reparameterize(mu: Tensor, logvar: Tensor, *, samples: int = 1,
     """
     shape = (samples, *mu.shape) if samples > 1 else mu.shape
     eps = torch.randn(shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    return reparameterize_with_noise(mu, logvar, eps)
+
+
+def reparameterize_with_noise(mu: Tensor, logvar: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`reparameterize` with the noise given: ``eps`` is ``(B, D)`` or ``(S, B, D)``.
+
+    The deterministic part of the op: the oracle for the fused path once its noise is known.
+    """
+    logvar = logvar.clamp(max=LOGVAR_MAX)
     z = mu + torch.exp(0.5 * logvar) * eps
     kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(dim=-1)
     return z, kl
+
+
+def log_normal_diag(z: Tensor, mu: Tensor | None = None, logvar: Tensor | None = None) -> Tensor:
+    """``log N(z; mu, diag(exp(logvar)))`` summed over the last dimension.
+
+    Args:
+        z: ``(B, D)`` or ``(S, B, D)`` (S samples sharing the parameters' rows).
+        mu, logvar: ``(B, D)``, or both None for the standard normal N(0, I). logvar is clamped at
+            :data:`LOGVAR_MAX` as in :func:`reparameterize`.
+
+    Returns:
+        ``z.shape[:-1]``: ``-0.5 * sum_j ((z_j - mu_j)^2 exp(-logvar_j) + logvar_j + log(2 pi))``.
+    """
+    if mu is None:
+        return -0.5 * (z.square() + LOG_2PI).sum(dim=-1)
+    logvar = logvar.clamp(max=LOGVAR_MAX)
+    r = (z - mu) * torch.exp(-0.5 * logvar)
+    return -0.5 * (r.square() + logvar + LOG_2PI).sum(dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,11 +208,39 @@ def conv_bn_act(x: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias: Te
     Returns:
         ``(N, C_out, H_out, W_out)`` in ``x``'s dtype.
     """
-    if transposed:
-        y = F.conv_transpose2d(x, weight, None, stride, padding, output_padding)
-    else:
-        if output_padding not in (0, (0, 0)):
-            raise ValueError(f"output_padding: only a transposed conv takes it, got {output_padding!r}")
-        y = F.conv2d(x, weight, None, stride, padding)
+    y = _conv(x, weight, None, stride, padding, output_padding, transposed)
     y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    return activate(y, activation, negative_slope)
+
+
+def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int | tuple[int, int],
+          padding: int | tuple[int, int], output_padding: int | tuple[int, int],
+          transposed: bool) -> Tensor:
+    if transposed:
+        return F.conv_transpose2d(x, weight, bias, stride, padding, output_padding)
+    if output_padding not in (0, (0, 0)):
+        raise ValueError(f"output_padding: only a transposed conv takes it, got {output_padding!r}")
+    return F.conv2d(x, weight, bias, stride, padding)
+
+
+def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor | None, *,
+                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
+                  output_padding: int | tuple[int, int] = 0, transposed: bool = False,
+                  activation: str = "relu", negative_slope: float = 0.2) -> Tensor:
+    """Conv2d (or ConvTranspose2d) with an optional bias, then an activation: a layer without BN.
+
+    ``nn.Sequential(nn.Conv2d(...) or nn.ConvTranspose2d(...), act)``, e.g. a DCGAN
+    discriminator's first layer or the generator's Tanh output layer. Arguments as
+    :func:`conv_bn_act`; ``bias``: ``(C_out,)`` or None.
+    """
+    return activate(_conv(x, weight, bias, stride, padding, output_padding, transposed),
+                    activation, negative_slope)
+
+
+def bn_act(x: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
+           running_mean: Tensor | None, running_var: Tensor | None, *, training: bool = True,
+           momentum: float = 0.1, eps: float = 1e-5, activation: str = "relu",
+           negative_slope: float = 0.2) -> Tensor:
+    """BatchNorm2d, then an activation: :func:`conv_bn_act` without the conv. ``x``: ``(N, C, H, W)``."""
+    y = F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
     return activate(y, activation, negative_slope)

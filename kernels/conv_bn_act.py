@@ -1,0 +1,748 @@
+"""Conv2d / ConvTranspose2d as implicit GEMM, fused with BatchNorm and an activation; fwd and bwd.
+
+Everything is channels-last inside: x (N, H, W, C_in), the conv output y (N, Ho, Wo, C_out),
+called "pre-BN"; z = y * zscale[c] + zshift[c] is the BN output (or y + bias without BN) and
+out = act(z).
+
+Conv as a GEMM with rows m = (n, oh, ow), columns co and reduction k = (r, s, ci):
+
+    y[m, co] = sum_k x[n, oh*S - P + r, ow*S - P + s, ci] * w[r, s, ci, co]   (x = 0 outside)
+
+A program owns a BLOCK_M x BLOCK_N tile of y; for each tap (r, s) it computes the gathered
+row offsets and masks once, then walks ci through contiguous memory in BLOCK_K steps.
+
+ConvTranspose2d by phases: y[oh] = sum over taps r with oh = ih*S - P + r of x[ih] w[r], so
+output row oh only meets taps r = a (mod S) with a = (oh + P) mod S. Splitting the rows by that
+phase gives S*S dense sub-convolutions (per dimension): rows oh = o0 + S*j, taps r = a + S*t,
+input ih = j + c0 - t, with o0 = (a - P) mod S and c0 = (o0 + P - a) / S. No zero tap is read.
+Both forms share one gather, per dimension:
+
+    ih = j * in_step + in_off + t * t_step,   r = r0 + t * r_step,   oh = o0 + j * out_step
+    conv:                (S, -P, 1,  0, 1, 0, 1)
+    transposed, phase a: (1, c0, -1, a, S, o0, S)
+
+Backward: the input gradient of a conv is a transposed conv of dL/dy with the same weight, and
+the other way round, so one GEMM kernel serves both forwards and both input gradients. The
+weight gradient is, over the pixels m = (n, oh, ow) of D,
+
+    dw[r, s, cg, cd] = sum_m G[n, oh*S - P + r, ow*S - P + s, cg] * D[m, cd]
+
+with (G, D) = (x, dL/dy) for a conv and (dL/dy, x) for a transposed conv.
+
+BatchNorm, training: the GEMM epilogue stores y and per-tile, per-channel (count, mean, M2);
+a combine kernel merges them in a fixed order with Chan's formula,
+
+    d = mean_b - mean_a,  n = na + nb,  mean = mean_a + d * nb / n,  M2 = M2_a + M2_b + d^2 * na * nb / n,
+
+giving mean, rstd = 1 / sqrt(M2 / n + eps), zscale = gamma * rstd, zshift = beta - mean * zscale
+and the new running statistics (momentum, unbiased variance M2 / (n - 1), as torch). A last pass
+applies z and the activation. Eval (and conv + bias) applies zscale/zshift in the GEMM epilogue.
+
+BatchNorm backward, recomputing z from the saved y (g = dL/dout * act'(z), xhat = (y - mean) * rstd,
+over the n values of a channel):
+
+    dbeta = sum g,  dgamma = sum g * xhat
+    dL/dy = zscale * (g - dbeta / n - xhat * dgamma / n)     (training; eval and bias: zscale * g)
+
+One reduction pass gives dbeta and dgamma; the input- and weight-gradient GEMMs compute dL/dy
+from (dL/dout, y) while they load their tiles, so dL/dy is never stored. All reductions are
+per-tile partials combined in a fixed order: reruns are bit-identical.
+
+Host wrappers take NHWC-contiguous activations and PyTorch's weight layouts and return NHWC
+tensors, except the activated outputs: (N, C, H, W) in the memory format asked for (the input's),
+written by the same store. They allocate every output and never write into their arguments;
+fastgen.functional validates the inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4}
+
+# Tile shapes, GPU and interpreter. Autotuning comes with the GPU benchmark; until then the GPU
+# uses one reasonable config. The interpreter pays per operation, not per element: large tiles
+# (few programs, few loop steps) keep the CPU tests fast.
+# WGRAD_PROGRAMS: the weight gradient splits its pixel reduction (into chunks of at least
+# 2 * BLOCK_M rows, summed in a fixed order) until about this many programs run.
+GPU_BLOCKS = {"M": 64, "N": 64, "K": 32, "ELEM_M": 64, "ELEM_C": 64, "WGRAD_PROGRAMS": 512}
+INTERPRETER_BLOCKS = {"M": 128, "N": 32, "K": 32, "ELEM_M": 128, "ELEM_C": 32, "WGRAD_PROGRAMS": 1}
+# Combine kernels: tiles merged per step, channels per program.
+COMBINE_T, COMBINE_C = 64, 32
+
+# Kernels may read only tl.constexpr globals; host code uses their .value.
+# Coefficient rows (bn_combine_stats, bn_act_grad_coef): the first four are the forward's.
+ZSCALE, ZSHIFT, MEAN, RSTD, DBETA_MEAN, DGAMMA_MEAN, DGAMMA, DBETA = (tl.constexpr(i) for i in range(8))
+# GEMM epilogues.
+STORE, STATS, AFFINE = (tl.constexpr(i) for i in range(3))
+
+
+# ----------------------------------------------------------------------------------------------
+# Elementwise pieces
+
+
+@triton.jit
+def _activate(z, slope, ACT: tl.constexpr):
+    """act(z) for ACT in ACTIVATION_CODES; tanh and sigmoid never exponentiate a positive number."""
+    out = z
+    if ACT == 1:
+        out = tl.maximum(z, 0.0)
+    elif ACT == 2:
+        out = tl.where(z > 0, z, z * slope)
+    elif ACT == 3:
+        e = tl.exp(-2.0 * tl.abs(z))
+        t = (1.0 - e) / (1.0 + e)
+        out = tl.where(z >= 0, t, -t)
+    elif ACT == 4:
+        e = tl.exp(-tl.abs(z))
+        out = tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    return out
+
+
+@triton.jit
+def _activate_backward(dout, z, slope, ACT: tl.constexpr):
+    """dout * act'(z), with torch's choices at 0 (relu' = 0, leaky_relu' = slope)."""
+    g = dout
+    if ACT == 1:
+        g = tl.where(z > 0, dout, 0.0)
+    elif ACT == 2:
+        g = tl.where(z > 0, dout, dout * slope)
+    elif ACT == 3:
+        t = _activate(z, slope, 3)
+        g = dout * (1.0 - t * t)
+    elif ACT == 4:
+        s = _activate(z, slope, 4)
+        g = dout * (s * (1.0 - s))
+    return g
+
+
+@triton.jit
+def _load_operand(ptr, pre_ptr, coef_ptr, offs, mask, chan, chan_ok, C, slope,
+                  BN_GRAD: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr):
+    """A tile of a GEMM operand: ptr[offs], or with BN_GRAD dL/dy computed from dL/dout = ptr[offs],
+    y = pre_ptr[offs] and the coefficient rows of bn_act_grad_coef at the channels ``chan``
+    (broadcastable to the tile). Masked elements are 0: padding of dL/dy, not of dL/dout."""
+    v = tl.load(ptr + offs, mask=mask, other=0.0)
+    if BN_GRAD:
+        zscale = tl.load(coef_ptr + ZSCALE * C + chan, mask=chan_ok, other=0.0)
+        zshift = tl.load(coef_ptr + ZSHIFT * C + chan, mask=chan_ok, other=0.0)
+        mean = tl.load(coef_ptr + MEAN * C + chan, mask=chan_ok, other=0.0)
+        rstd = tl.load(coef_ptr + RSTD * C + chan, mask=chan_ok, other=0.0)
+        dbeta_mean = tl.load(coef_ptr + DBETA_MEAN * C + chan, mask=chan_ok, other=0.0)
+        dgamma_mean = tl.load(coef_ptr + DGAMMA_MEAN * C + chan, mask=chan_ok, other=0.0)
+        y = tl.load(pre_ptr + offs, mask=mask, other=0.0).to(ACC)
+        g = _activate_backward(v.to(ACC), y * zscale + zshift, slope, ACT)
+        dy = zscale * (g - dbeta_mean - (y - mean) * rstd * dgamma_mean)
+        v = tl.where(mask, dy, 0.0).to(ptr.dtype.element_ty)
+    return v
+
+
+@triton.jit
+def _store_tile_stats(v, row_ok, part_ptr, tile, n_tiles, cols, col_ok, C):
+    """part[0..2, tile, cols] = count, mean and M2 of the valid rows of the tile v, per column."""
+    count = tl.sum(row_ok.to(v.dtype), axis=0)
+    mean = tl.sum(tl.where(row_ok[:, None], v, 0.0), axis=0) / tl.maximum(count, 1.0)
+    diff = tl.where(row_ok[:, None], v - mean[None, :], 0.0)
+    m2 = tl.sum(diff * diff, axis=0)
+    plane = n_tiles.to(tl.int64) * C
+    base = part_ptr + tile.to(tl.int64) * C + cols
+    tl.store(base, tl.zeros_like(mean) + count, mask=col_ok)
+    tl.store(base + plane, mean, mask=col_ok)
+    tl.store(base + 2 * plane, m2, mask=col_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Implicit-GEMM indexing, shared by the forward, input-gradient and weight-gradient kernels
+
+
+@triton.jit
+def _split_rows(rows, N, H, W):
+    """GEMM rows (int64) -> (n, h, w) over an (N, H, W) pixel grid, and which rows exist."""
+    hw = H * W
+    n = rows // hw
+    rem = rows - n * hw
+    h = rem // W
+    return n, h, rem - h * W, rows < N * hw
+
+
+@triton.jit
+def _gather_rows(n, ih, iw, H, W, C, row_ok):
+    """int64 offset of pixel (n, ih, iw) in an (N, H, W, C) tensor, and whether it is inside."""
+    ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    return ((n * H + ih) * W + iw) * C, ok
+
+
+@triton.jit
+def _phase(a, S, P, K, HO, TRANSPOSED: tl.constexpr):
+    """One dimension's gather parameters (module docstring): rows, taps, in_step, in_off, t_step,
+    r0, r_step, o0, out_step. ``a`` is the phase of a transposed conv (0 for a conv)."""
+    if TRANSPOSED:
+        o0 = (a - P % S + S) % S  # operands kept >= 0: % rounds differently in C and Python
+        c0 = (o0 + P - a) // S
+        taps = (K - a + S - 1) // S
+        rows = (HO - o0 + S - 1) // S
+        in_step = 1
+        in_off = c0
+        t_step = -1
+        r0 = a
+        r_step = S
+        out_step = S
+    else:
+        o0 = 0
+        taps = K
+        rows = HO
+        in_step = S
+        in_off = -P
+        t_step = 1
+        r0 = 0
+        r_step = 1
+        out_step = 1
+    return rows, taps, in_step, in_off, t_step, r0, r_step, o0, out_step
+
+
+# ----------------------------------------------------------------------------------------------
+# GEMM kernels
+
+
+@triton.jit
+def _conv_gemm_kernel(
+        a_ptr, pre_ptr, coef_ptr, w_ptr, y_ptr, out_ptr, epi_ptr, part_ptr,
+        N, H, W, C_a, HO, WO, C_b, KH, KW, S_H, S_W, P_H, P_W, out_sn, out_sw, out_sc, slope,
+        TRANSPOSED: tl.constexpr, BN_GRAD: tl.constexpr, EPILOGUE: tl.constexpr,
+        STORE_PRE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """res[m, cb] = sum over taps and ca of A[gathered pixel, ca] * w[r, s, ca, cb].
+
+    A: (N, H, W, C_a), or dL/dy from (dL/dout = a, y = pre, coef) with BN_GRAD; w: (KH, KW, C_a,
+    C_b); the result covers (N, HO, WO, C_b), phase program_id(2) of it when TRANSPOSED.
+    EPILOGUE STORE: y = res. STATS: y = res and part = per-tile (count, mean, M2).
+    AFFINE: out = act(res * epi[0] + epi[1]) (and y = res with STORE_PRE). y is NHWC; out has
+    strides (out_sn, out_sw, out_sc) for (n, w, c) (h: out_sw * WO; NCHW or NHWC).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    phase = tl.program_id(2)
+    rows_h, taps_h, in_step_h, in_off_h, t_step_h, r0, r_step, o0_h, out_step_h = _phase(
+        phase // S_W, S_H, P_H, KH, HO, TRANSPOSED)
+    rows_w, taps_w, in_step_w, in_off_w, t_step_w, s0, s_step, o0_w, out_step_w = _phase(
+        phase % S_W, S_W, P_W, KW, WO, TRANSPOSED)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n, jh, jw, row_ok = _split_rows(rows, N, rows_h, rows_w)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < C_b
+    ks = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for th in range(0, taps_h):
+        ih = jh * in_step_h + in_off_h + th * t_step_h
+        r = r0 + th * r_step
+        for tw in range(0, taps_w):
+            iw = jw * in_step_w + in_off_w + tw * t_step_w
+            a_row, a_ok = _gather_rows(n, ih, iw, H, W, C_a, row_ok)
+            w_tap = w_ptr + (r * KW + s0 + tw * s_step) * C_a * C_b
+            for c0 in range(0, C_a, BLOCK_K):
+                k = c0 + ks
+                k_ok = k < C_a
+                a = _load_operand(a_ptr, pre_ptr, coef_ptr, a_row[:, None] + k[None, :],
+                                  a_ok[:, None] & k_ok[None, :], k[None, :], k_ok[None, :], C_a,
+                                  slope, BN_GRAD, ACT, ACC)
+                w = tl.load(w_tap + k[:, None] * C_b + cols[None, :],
+                            mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                acc = tl.dot(a, w, acc, input_precision=PRECISION)
+
+    oh = o0_h + jh * out_step_h
+    ow = o0_w + jw * out_step_w
+    offs = ((n * HO + oh) * WO + ow)[:, None] * C_b + cols[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    if EPILOGUE == AFFINE:
+        zscale = tl.load(epi_ptr + cols, mask=col_ok, other=0.0)
+        zshift = tl.load(epi_ptr + C_b + cols, mask=col_ok, other=0.0)
+        out = _activate(acc * zscale[None, :] + zshift[None, :], slope, ACT)
+        out_offs = (n * out_sn + (oh * WO + ow) * out_sw)[:, None] + cols[None, :] * out_sc
+        tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if EPILOGUE != AFFINE or STORE_PRE:
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    if EPILOGUE == STATS:
+        _store_tile_stats(acc, row_ok, part_ptr, phase * tl.num_programs(0) + pid_m,
+                          tl.num_programs(0) * tl.num_programs(2), cols, col_ok, C_b)
+
+
+@triton.jit
+def _conv_wgrad_kernel(
+        g_ptr, d_ptr, pre_ptr, coef_ptr, part_ptr,
+        N, HG, WG, C_g, HD, WD, C_d, KH, KW, S_H, S_W, P_H, P_W, rows_per_split, slope,
+        BN_GRAD_G: tl.constexpr, BN_GRAD_D: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr):
+    """part[split, r, s, cg, cd] = sum over this split's pixels m of D of
+    G[n, oh*S - P + r, ow*S - P + s, cg] * D[m, cd].
+
+    G: (N, HG, WG, C_g); D: (N, HD, WD, C_d). The one operand that is dL/dy (BN_GRAD_G or
+    BN_GRAD_D) is computed from dL/dout at that pointer and y = pre with coef.
+    """
+    tiles_g = tl.cdiv(C_g, BLOCK_G)
+    tap = tl.program_id(0) // tiles_g
+    r = tap // KW
+    s = tap - r * KW
+    cg = (tl.program_id(0) - tap * tiles_g) * BLOCK_G + tl.arange(0, BLOCK_G)
+    cd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cg_ok = cg < C_g
+    cd_ok = cd < C_d
+    split = tl.program_id(2)
+    m_start = split.to(tl.int64) * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, N * HD * WD)
+
+    acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=ACC)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        n, oh, ow, _ = _split_rows(rows, N, HD, WD)
+        row_ok = rows < m_end
+        g_row, g_ok = _gather_rows(n, oh * S_H - P_H + r, ow * S_W - P_W + s, HG, WG, C_g, row_ok)
+        g_t = _load_operand(g_ptr, pre_ptr, coef_ptr, cg[:, None] + g_row[None, :],
+                            cg_ok[:, None] & g_ok[None, :], cg[:, None], cg_ok[:, None], C_g, slope,
+                            BN_GRAD_G, ACT, ACC)
+        d = _load_operand(d_ptr, pre_ptr, coef_ptr, rows[:, None] * C_d + cd[None, :],
+                          row_ok[:, None] & cd_ok[None, :], cd[None, :], cd_ok[None, :], C_d, slope,
+                          BN_GRAD_D, ACT, ACC)
+        acc = tl.dot(g_t, d, acc, input_precision=PRECISION)
+
+    offs = ((split.to(tl.int64) * KH * KW + tap) * C_g + cg)[:, None] * C_d
+    tl.store(part_ptr + offs + cd[None, :], acc, mask=cg_ok[:, None] & cd_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# BatchNorm + activation kernels over an (M, C) channels-last matrix
+
+
+@triton.jit
+def _bn_stats_kernel(y_ptr, part_ptr, M, C, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+    """part[:, tile, cols] = (count, mean, M2) of a BLOCK_M-row tile of y (BN without a conv)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < M
+    col_ok = cols < C
+    v = tl.load(y_ptr + rows[:, None] * C + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                other=0.0).to(ACC)
+    _store_tile_stats(v, row_ok, part_ptr, tl.program_id(0), tl.num_programs(0), cols, col_ok, C)
+
+
+@triton.jit
+def _bn_stats_combine_kernel(part_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, stats_ptr,
+                             n_tiles, C, momentum, eps, UPDATE_RUNNING: tl.constexpr,
+                             BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Merge per-tile (count, mean, M2) in tile order (Chan); stats rows: zscale, zshift, mean,
+    rstd, new running mean, new running var (UPDATE_RUNNING)."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    acc_ty = stats_ptr.dtype.element_ty
+    count = tl.zeros((BLOCK_C,), dtype=acc_ty)
+    mean = tl.zeros((BLOCK_C,), dtype=acc_ty)
+    m2 = tl.zeros((BLOCK_C,), dtype=acc_ty)
+    plane = n_tiles * C  # partial buffers stay far below 2**31 elements
+    for t0 in range(0, n_tiles, BLOCK_T):
+        tiles = t0 + tl.arange(0, BLOCK_T)
+        offs = tiles.to(tl.int64)[:, None] * C + cols[None, :]
+        mask = (tiles < n_tiles)[:, None] & col_ok[None, :]
+        t_count = tl.load(part_ptr + offs, mask=mask, other=0.0)
+        t_mean = tl.load(part_ptr + plane + offs, mask=mask, other=0.0)
+        t_m2 = tl.load(part_ptr + 2 * plane + offs, mask=mask, other=0.0)
+        # The BLOCK_T tiles at once (the many-group form of Chan's formula), then Chan with the total.
+        b_count = tl.sum(t_count, axis=0)
+        b_mean = tl.sum(t_count * t_mean, axis=0) / tl.maximum(b_count, 1.0)
+        spread = t_mean - b_mean[None, :]
+        b_m2 = tl.sum(t_m2 + t_count * spread * spread, axis=0)
+        total = count + b_count
+        frac = b_count / tl.maximum(total, 1.0)
+        delta = b_mean - mean
+        mean += delta * frac
+        m2 += b_m2 + delta * delta * count * frac
+        count = total
+    # Channels past C have count 0; batches reach here with count >= 2 (the caller checks).
+    rstd = 1.0 / tl.sqrt(m2 / tl.maximum(count, 1.0) + eps)
+    zscale = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0).to(acc_ty) * rstd
+    zshift = tl.load(beta_ptr + cols, mask=col_ok, other=0.0).to(acc_ty) - mean * zscale
+    tl.store(stats_ptr + ZSCALE * C + cols, zscale, mask=col_ok)
+    tl.store(stats_ptr + ZSHIFT * C + cols, zshift, mask=col_ok)
+    tl.store(stats_ptr + MEAN * C + cols, mean, mask=col_ok)
+    tl.store(stats_ptr + RSTD * C + cols, rstd, mask=col_ok)
+    if UPDATE_RUNNING:
+        rmean = tl.load(rmean_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
+        rvar = tl.load(rvar_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
+        tl.store(stats_ptr + 4 * C + cols, (1.0 - momentum) * rmean + momentum * mean, mask=col_ok)
+        unbiased_var = m2 / tl.maximum(count - 1.0, 1.0)
+        tl.store(stats_ptr + 5 * C + cols, (1.0 - momentum) * rvar + momentum * unbiased_var,
+                 mask=col_ok)
+
+
+@triton.jit
+def _bn_act_apply_kernel(y_ptr, coef_ptr, out_ptr, M, C, HW, out_sn, out_sw, out_sc, slope,
+                         ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_C: tl.constexpr):
+    """out = act(y * zscale + zshift), per channel; y is NHWC, out has strides (out_sn, out_sw,
+    out_sc) for (n, w, c) with HW pixels per sample (NCHW or NHWC)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    offs = rows[:, None] * C + cols[None, :]
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    zscale = tl.load(coef_ptr + ZSCALE * C + cols, mask=col_ok, other=0.0)
+    zshift = tl.load(coef_ptr + ZSHIFT * C + cols, mask=col_ok, other=0.0)
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
+    out = _activate(y * zscale[None, :] + zshift[None, :], slope, ACT)
+    n = rows // HW
+    out_offs = (n * out_sn + (rows - n * HW) * out_sw)[:, None] + cols[None, :] * out_sc
+    tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bn_act_grad_partials_kernel(dout_ptr, y_ptr, coef_ptr, part_ptr, M, C, slope,
+                                 ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                                 BLOCK_C: tl.constexpr):
+    """part[0, tile, cols] = sum g, part[1, tile, cols] = sum g * xhat over a BLOCK_M-row tile."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    offs = rows[:, None] * C + cols[None, :]
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    zscale = tl.load(coef_ptr + ZSCALE * C + cols, mask=col_ok, other=0.0)[None, :]
+    zshift = tl.load(coef_ptr + ZSHIFT * C + cols, mask=col_ok, other=0.0)[None, :]
+    mean = tl.load(coef_ptr + MEAN * C + cols, mask=col_ok, other=0.0)[None, :]
+    rstd = tl.load(coef_ptr + RSTD * C + cols, mask=col_ok, other=0.0)[None, :]
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
+    dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(ACC)
+    g = tl.where(mask, _activate_backward(dout, y * zscale + zshift, slope, ACT), 0.0)
+    base = part_ptr + tl.program_id(0).to(tl.int64) * C + cols
+    tl.store(base, tl.sum(g, axis=0), mask=col_ok)
+    tl.store(base + tl.num_programs(0).to(tl.int64) * C, tl.sum(g * ((y - mean) * rstd), axis=0),
+             mask=col_ok)
+
+
+@triton.jit
+def _bn_grad_combine_kernel(part_ptr, fwd_coef_ptr, coef_ptr, n_tiles, C, inv_count,
+                            TRAINING: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Sum the partials in tile order into dbeta, dgamma; write the coefficient rows of
+    bn_act_grad_coef (the forward's four rows copied first)."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    acc_ty = coef_ptr.dtype.element_ty
+    sum_g = tl.zeros((BLOCK_T, BLOCK_C), dtype=acc_ty)
+    sum_gx = tl.zeros((BLOCK_T, BLOCK_C), dtype=acc_ty)
+    plane = n_tiles * C  # partial buffers stay far below 2**31 elements
+    for t0 in range(0, n_tiles, BLOCK_T):
+        tiles = t0 + tl.arange(0, BLOCK_T)
+        offs = tiles.to(tl.int64)[:, None] * C + cols[None, :]
+        mask = (tiles < n_tiles)[:, None] & col_ok[None, :]
+        sum_g += tl.load(part_ptr + offs, mask=mask, other=0.0)
+        sum_gx += tl.load(part_ptr + plane + offs, mask=mask, other=0.0)
+    dbeta = tl.sum(sum_g, axis=0)
+    dgamma = tl.sum(sum_gx, axis=0)
+    for row in range(0, 4):
+        tl.store(coef_ptr + row * C + cols, tl.load(fwd_coef_ptr + row * C + cols, mask=col_ok),
+                 mask=col_ok)
+    dbeta_mean = tl.zeros_like(dbeta)
+    dgamma_mean = tl.zeros_like(dgamma)
+    if TRAINING:
+        dbeta_mean = dbeta * inv_count
+        dgamma_mean = dgamma * inv_count
+    tl.store(coef_ptr + DBETA_MEAN * C + cols, dbeta_mean, mask=col_ok)
+    tl.store(coef_ptr + DGAMMA_MEAN * C + cols, dgamma_mean, mask=col_ok)
+    tl.store(coef_ptr + DGAMMA * C + cols, dgamma, mask=col_ok)
+    tl.store(coef_ptr + DBETA * C + cols, dbeta, mask=col_ok)
+
+
+@triton.jit
+def _bn_act_input_grad_kernel(dout_ptr, y_ptr, coef_ptr, dy_ptr, M, C, slope, ACT: tl.constexpr,
+                              ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dL/dy (BN without a conv: y is the input)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    offs = rows[:, None] * C + cols[None, :]
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    dy = _load_operand(dout_ptr, y_ptr, coef_ptr, offs, mask, cols[None, :], col_ok[None, :], C,
+                       slope, True, ACT, ACC)
+    tl.store(dy_ptr + offs, dy, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host wrappers
+
+
+def _blocks(device: torch.device) -> dict[str, int]:
+    return GPU_BLOCKS if device.type == "cuda" else INTERPRETER_BLOCKS
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation and statistics dtype: float64 for float64 inputs (gradcheck), else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _precision(dtype: torch.dtype, device: torch.device) -> str:
+    """TF32 for float32 exactly when PyTorch's convolutions may use it."""
+    tf32 = dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32
+    return "tf32" if tf32 else "ieee"
+
+
+def _tile(size: int, cap: int) -> int:
+    """A power-of-two tile edge for ``size`` columns: at least 16 (tl.dot), at most ``cap``."""
+    return max(16, min(cap, triton.next_power_of_2(size)))
+
+
+def _pair_dims(x: torch.Tensor) -> tuple[int, int]:
+    """Rows and channels of an NHWC tensor seen as an (M, C) matrix."""
+    return x.numel() // x.shape[-1], x.shape[-1]
+
+
+def _activation_output(n: int, c: int, hw: tuple[int, int], dtype: torch.dtype,
+                       device: torch.device, channels_last: bool
+                       ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """An (N, C, H, W) output in either memory format, and its (n, w, c) strides for the kernels."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty((n, c, *hw), dtype=dtype, device=device, memory_format=fmt)
+    return out, (out.stride(0), out.stride(3), out.stride(1))
+
+
+def _conv_gemm(a: torch.Tensor, weight: torch.Tensor, out_hw: tuple[int, int],
+               stride: tuple[int, int], padding: tuple[int, int], transposed: bool, epilogue: int,
+               *, pre: torch.Tensor | None = None, coef: torch.Tensor | None = None,
+               activation: str = "identity", negative_slope: float = 0.0, store_pre: bool = False,
+               channels_last: bool = True):
+    """Launch _conv_gemm_kernel with ``epilogue`` (STORE/STATS/AFFINE .value). ``weight`` is in
+    PyTorch's layout for a conv (transposed False) or a transposed conv (True); A is (N, H, W, C_a).
+    Returns (y, out, partials), None where the epilogue writes nothing there: y (N, HO, WO, C_b),
+    out (N, C_b, HO, WO) channels_last or contiguous."""
+    N, H, W, C_a = a.shape
+    KH, KW = weight.shape[2:]
+    taps = (weight.permute(2, 3, 0, 1) if transposed else weight.permute(2, 3, 1, 0)).contiguous()
+    C_b = taps.shape[3]
+    HO, WO = out_hw
+    acc = acc_dtype(a.dtype)
+    blocks = _blocks(a.device)
+    block_n, block_k = _tile(C_b, blocks["N"]), _tile(C_a, blocks["K"])
+    n_phases = stride[0] * stride[1] if transposed else 1
+    phase_rows = N * (triton.cdiv(HO, stride[0]) * triton.cdiv(WO, stride[1]) if transposed else HO * WO)
+    grid = (triton.cdiv(phase_rows, blocks["M"]), triton.cdiv(C_b, block_n), n_phases)
+
+    store_y = epilogue != AFFINE.value or store_pre
+    y = torch.empty((N, HO, WO, C_b), dtype=a.dtype, device=a.device) if store_y else None
+    out, out_strides = None, (0, 0, 0)
+    if epilogue == AFFINE.value:
+        out, out_strides = _activation_output(N, C_b, out_hw, a.dtype, a.device, channels_last)
+    part = (torch.empty((3, grid[0] * n_phases, C_b), dtype=acc, device=a.device)
+            if epilogue == STATS.value else None)
+    dummy = a  # pointer arguments the chosen constexpr branches never touch
+    _conv_gemm_kernel[grid](
+        a, dummy if pre is None else pre, dummy if coef is None else coef, taps,
+        dummy if y is None else y, dummy if out is None else out,
+        dummy if coef is None else coef, dummy if part is None else part,
+        N, H, W, C_a, HO, WO, C_b, KH, KW, stride[0], stride[1], padding[0], padding[1],
+        *out_strides, negative_slope,
+        TRANSPOSED=transposed, BN_GRAD=pre is not None, EPILOGUE=epilogue, STORE_PRE=store_pre,
+        ACT=ACTIVATION_CODES[activation], ACC=_tl_dtype(acc),
+        PRECISION=_precision(a.dtype, a.device),
+        BLOCK_M=blocks["M"], BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    return y, out, part
+
+
+def conv_stats_forward(x: torch.Tensor, weight: torch.Tensor, out_hw: tuple[int, int],
+                       stride: tuple[int, int], padding: tuple[int, int], transposed: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training forward, first launch: the pre-BN conv output and its per-tile statistics.
+
+    Args:
+        x: (N, H, W, C_in) contiguous; weight: PyTorch's (C_out, C_in, kH, kW), or
+            (C_in, C_out, kH, kW) when ``transposed``, same dtype.
+        out_hw: the conv's (Ho, Wo).
+
+    Returns:
+        y: (N, Ho, Wo, C_out) in x's dtype. partials: (3, n_tiles, C_out) float32 (float64 for
+        float64 x): count, mean, M2 per tile, for bn_combine_stats.
+    """
+    y, _, part = _conv_gemm(x, weight, out_hw, stride, padding, transposed, STATS.value)
+    return y, part
+
+
+def conv_affine_act_forward(x: torch.Tensor, weight: torch.Tensor, out_hw: tuple[int, int],
+                            stride: tuple[int, int], padding: tuple[int, int], transposed: bool,
+                            coef: torch.Tensor, activation: str, negative_slope: float,
+                            store_pre: bool, channels_last: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One launch: out = act(conv(x) * zscale + zshift) (eval BN folded, or a conv bias).
+
+    Args as conv_stats_forward, and coef: (>= 2, C_out) float32 rows zscale, zshift.
+    store_pre: also return the conv output y (for the backward).
+    channels_last: out's memory format (else contiguous NCHW).
+
+    Returns:
+        out: (N, C_out, Ho, Wo); y or None: (N, Ho, Wo, C_out); both in x's dtype.
+    """
+    y, out, _ = _conv_gemm(x, weight, out_hw, stride, padding, transposed, AFFINE.value, coef=coef,
+                           activation=activation, negative_slope=negative_slope,
+                           store_pre=store_pre, channels_last=channels_last)
+    return out, y
+
+
+def conv_input_grad(dout: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, weight: torch.Tensor,
+                    in_hw: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+                    transposed: bool, activation: str, negative_slope: float) -> torch.Tensor:
+    """dL/dx of the conv (``transposed``: of the transposed conv), with dL/dy computed on the fly.
+
+    Args:
+        dout, y: (N, Ho, Wo, C_out) contiguous, dL/dout and the saved pre-BN output.
+        coef: (8, C_out) from bn_act_grad_coef. weight: the forward's, PyTorch layout.
+        in_hw: the forward input's (H, W).
+
+    Returns:
+        (N, H, W, C_in) in dout's dtype.
+    """
+    dx, _, _ = _conv_gemm(dout, weight, in_hw, stride, padding, not transposed, STORE.value, pre=y,
+                          coef=coef, activation=activation, negative_slope=negative_slope)
+    return dx
+
+
+def conv_weight_grad(x: torch.Tensor, dout: torch.Tensor, y: torch.Tensor, coef: torch.Tensor,
+                     weight_shape: torch.Size, stride: tuple[int, int], padding: tuple[int, int],
+                     transposed: bool, activation: str, negative_slope: float,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """dL/dweight in PyTorch's layout, with dL/dy computed on the fly.
+
+    Args:
+        x: (N, H, W, C_in) the forward input; dout, y: (N, Ho, Wo, C_out); coef: (8, C_out).
+        weight_shape: the weight's shape; dtype: the result's dtype.
+    """
+    KH, KW = weight_shape[2:]
+    # conv: G = x gathered, D = dL/dy; transposed: G = dL/dy gathered, D = x (module docstring)
+    g, d = (dout, x) if transposed else (x, dout)
+    N, HG, WG, C_g = g.shape
+    _, HD, WD, C_d = d.shape
+    acc = acc_dtype(x.dtype)
+    blocks = _blocks(x.device)
+    block_g, block_d = _tile(C_g, blocks["N"]), _tile(C_d, blocks["N"])
+    tiles = KH * KW * triton.cdiv(C_g, block_g) * triton.cdiv(C_d, block_d)
+    rows = N * HD * WD
+    split = max(1, min(triton.cdiv(blocks["WGRAD_PROGRAMS"], tiles), rows // (2 * blocks["M"])))
+    rows_per_split = triton.cdiv(triton.cdiv(rows, split), blocks["M"]) * blocks["M"]
+    split = triton.cdiv(rows, rows_per_split)
+    part = torch.empty((split, KH, KW, C_g, C_d), dtype=acc, device=x.device)
+    grid = (KH * KW * triton.cdiv(C_g, block_g), triton.cdiv(C_d, block_d), split)
+    _conv_wgrad_kernel[grid](
+        g, d, y, coef, part, N, HG, WG, C_g, HD, WD, C_d, KH, KW, stride[0], stride[1],
+        padding[0], padding[1], rows_per_split, negative_slope,
+        BN_GRAD_G=transposed, BN_GRAD_D=not transposed, ACT=ACTIVATION_CODES[activation],
+        ACC=_tl_dtype(acc), PRECISION=_precision(x.dtype, x.device),
+        BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_M=blocks["M"], num_warps=4)
+    # A fixed-order sum over the splits keeps the result deterministic.
+    dw = part[0] if split == 1 else part.sum(0)
+    # (KH, KW, C_g, C_d) -> (C_out, C_in, KH, KW) for a conv, (C_in, C_out, KH, KW) transposed
+    return dw.permute(3, 2, 0, 1).to(dtype).contiguous()
+
+
+def bn_partial_stats(y: torch.Tensor) -> torch.Tensor:
+    """Per-tile (count, mean, M2) of an NHWC tensor's channels: (3, n_tiles, C), for
+    bn_combine_stats (BN without a conv)."""
+    M, C = _pair_dims(y)
+    blocks = _blocks(y.device)
+    grid = (triton.cdiv(M, blocks["ELEM_M"]), triton.cdiv(C, blocks["ELEM_C"]))
+    acc = acc_dtype(y.dtype)
+    part = torch.empty((3, grid[0], C), dtype=acc, device=y.device)
+    _bn_stats_kernel[grid](y, part, M, C, ACC=_tl_dtype(acc), BLOCK_M=blocks["ELEM_M"],
+                           BLOCK_C=blocks["ELEM_C"], num_warps=4)
+    return part
+
+
+def bn_combine_stats(part: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                     running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                     momentum: float, eps: float) -> torch.Tensor:
+    """Batch statistics from per-tile partials (Chan's formula, fixed order).
+
+    Args:
+        part: (3, n_tiles, C) from conv_stats_forward or bn_partial_stats.
+        gamma, beta: (C,) BN affine parameters. running_mean, running_var: (C,) or both None.
+
+    Returns:
+        (6, C) in part's dtype, rows zscale, zshift, mean, rstd (rows 0..3 are the forward
+        coefficients the apply pass and the backward take), then the new running mean and
+        running var (unwritten when running stats are None). The running buffers are not touched.
+    """
+    C = part.shape[2]
+    stats = torch.empty((6, C), dtype=part.dtype, device=part.device)
+    update = running_mean is not None
+    _bn_stats_combine_kernel[(triton.cdiv(C, COMBINE_C),)](
+        part, gamma, beta, running_mean if update else gamma, running_var if update else gamma,
+        stats, part.shape[1], C, momentum, eps, UPDATE_RUNNING=update, BLOCK_T=COMBINE_T,
+        BLOCK_C=COMBINE_C, num_warps=4)
+    return stats
+
+
+def bn_act_apply(y: torch.Tensor, coef: torch.Tensor, activation: str, negative_slope: float,
+                 channels_last: bool) -> torch.Tensor:
+    """out = act(y * zscale + zshift) for an NHWC y (coef rows 0, 1: zscale, zshift).
+
+    Returns:
+        (N, C, H, W) in y's dtype, channels_last or contiguous NCHW as asked.
+    """
+    N, H, W, C = y.shape
+    M = N * H * W
+    blocks = _blocks(y.device)
+    out, out_strides = _activation_output(N, C, (H, W), y.dtype, y.device, channels_last)
+    grid = (triton.cdiv(M, blocks["ELEM_M"]), triton.cdiv(C, blocks["ELEM_C"]))
+    _bn_act_apply_kernel[grid](y, coef, out, M, C, H * W, *out_strides, negative_slope,
+                               ACT=ACTIVATION_CODES[activation], ACC=_tl_dtype(coef.dtype),
+                               BLOCK_M=blocks["ELEM_M"], BLOCK_C=blocks["ELEM_C"], num_warps=4)
+    return out
+
+
+def bn_act_grad_coef(dout: torch.Tensor, y: torch.Tensor, fwd_coef: torch.Tensor, activation: str,
+                     negative_slope: float, training: bool) -> torch.Tensor:
+    """The backward's reduction pass: dbeta, dgamma and the per-channel coefficients of dL/dy.
+
+    Args:
+        dout, y: (N, H, W, C) contiguous: dL/dout and the saved pre-BN values.
+        fwd_coef: (>= 4, C) rows zscale, zshift, mean, rstd (batch statistics when ``training``,
+            running ones in eval; mean 0 and rstd 1 for a plain bias).
+        training: dL/dy includes the batch statistics' terms.
+
+    Returns:
+        (8, C) in fwd_coef's dtype, rows zscale, zshift, mean, rstd, dbeta / n, dgamma / n
+        (0 unless training), dgamma, dbeta.
+    """
+    M, C = _pair_dims(y)
+    blocks = _blocks(y.device)
+    grid = (triton.cdiv(M, blocks["ELEM_M"]), triton.cdiv(C, blocks["ELEM_C"]))
+    part = torch.empty((2, grid[0], C), dtype=fwd_coef.dtype, device=y.device)
+    _bn_act_grad_partials_kernel[grid](dout, y, fwd_coef, part, M, C, negative_slope,
+                                       ACT=ACTIVATION_CODES[activation],
+                                       ACC=_tl_dtype(fwd_coef.dtype), BLOCK_M=blocks["ELEM_M"],
+                                       BLOCK_C=blocks["ELEM_C"], num_warps=4)
+    coef = torch.empty((8, C), dtype=fwd_coef.dtype, device=y.device)
+    _bn_grad_combine_kernel[(triton.cdiv(C, COMBINE_C),)](
+        part, fwd_coef, coef, grid[0], C, 1.0 / M, TRAINING=training, BLOCK_T=COMBINE_T,
+        BLOCK_C=COMBINE_C, num_warps=4)
+    return coef
+
+
+def bn_act_input_grad(dout: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, activation: str,
+                      negative_slope: float) -> torch.Tensor:
+    """dL/dy of BN + activation (BN without a conv), NHWC, in dout's dtype; coef from
+    bn_act_grad_coef."""
+    M, C = _pair_dims(y)
+    blocks = _blocks(y.device)
+    dy = torch.empty_like(dout)
+    grid = (triton.cdiv(M, blocks["ELEM_M"]), triton.cdiv(C, blocks["ELEM_C"]))
+    _bn_act_input_grad_kernel[grid](dout, y, coef, dy, M, C, negative_slope,
+                                    ACT=ACTIVATION_CODES[activation], ACC=_tl_dtype(coef.dtype),
+                                    BLOCK_M=blocks["ELEM_M"], BLOCK_C=blocks["ELEM_C"],
+                                    num_warps=4)
+    return dy
+
+
+def param_grads(coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dgamma, dbeta) rows of bn_act_grad_coef's result (dbeta is d bias for a plain bias)."""
+    return coef[DGAMMA.value], coef[DBETA.value]

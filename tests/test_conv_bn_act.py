@@ -1,0 +1,427 @@
+"""Fused conv / transposed conv + BatchNorm + activation: Triton kernels (CPU interpreter) against the
+float64 PyTorch reference, forward (output, running statistics) and backward (dx, dW, dgamma,
+dbeta), plus determinism, gradcheck and input validation."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import pytest
+import torch
+
+import fastgen
+from fastgen import functional as FF
+from fastgen import reference
+from fastgen.kernels import conv_bn_act as kernels
+
+TOL = 1e-5  # relative error to float64, fp32 (DESIGN.md)
+
+
+class Case(NamedTuple):
+    transposed: bool
+    n: int
+    c_in: int
+    c_out: int
+    hw: tuple[int, int]
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    output_padding: tuple[int, int]
+    activation: str
+
+
+def _case(transposed, n, c_in, c_out, hw, kernel, stride, padding, output_padding, activation):
+    pair = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
+    return Case(transposed, n, c_in, c_out, pair(hw), pair(kernel), pair(stride), pair(padding),
+                pair(output_padding), activation)
+
+
+# Shapes that break tilings: batch 1 and 3, channels 1/3/5/17/64, spatial 1/4/7/16, kernels
+# 1/3/4/5 (square and not), strides 1/2, paddings 0..2, output_padding 0/1.
+CASES = [
+    _case(False, 1, 1, 5, 7, 3, 1, 1, 0, "relu"),
+    _case(False, 3, 5, 17, 7, 3, 2, 1, 0, "leaky_relu"),
+    # (a single-weight channel, C_in 1 and a 1x1 kernel, would have dW = 0 under training BN)
+    _case(False, 3, 3, 3, 4, 1, 1, 0, 0, "tanh"),
+    _case(False, 1, 17, 1, 16, 4, 2, 1, 0, "sigmoid"),
+    _case(False, 3, 3, 5, (7, 5), (5, 3), (2, 1), (2, 0), 0, "identity"),
+    _case(False, 3, 5, 3, 4, 4, 1, 0, 0, "leaky_relu"),  # 1x1 output
+    _case(False, 3, 3, 64, 1, 1, 1, 0, 0, "relu"),  # 1x1 input
+    _case(False, 3, 3, 64, 4, 3, 1, 2, 0, "leaky_relu"),
+    _case(True, 1, 5, 3, 4, 4, 2, 1, 0, "relu"),  # the DCGAN generator's layer
+    _case(True, 3, 17, 5, 4, 4, 2, 1, 1, "tanh"),
+    _case(True, 3, 3, 5, 7, 3, 2, 0, 1, "sigmoid"),
+    _case(True, 3, 5, 17, 1, 4, 1, 0, 0, "relu"),  # 1x1 -> 4x4, the generator's first layer
+    _case(True, 1, 3, 5, (7, 5), (5, 2), (2, 1), (2, 0), (1, 0), "leaky_relu"),
+    _case(True, 3, 5, 3, 7, 1, 2, 0, 1, "identity"),  # phases without any tap
+    _case(True, 3, 3, 5, 4, 3, 1, 2, 0, "relu"),
+]
+
+
+def _ids(case: Case) -> str:
+    kind = "convT" if case.transposed else "conv"
+    return (f"{kind}-n{case.n}-c{case.c_in}x{case.c_out}-{case.hw[0]}x{case.hw[1]}-k{case.kernel[0]}x"
+            f"{case.kernel[1]}-s{case.stride[0]}{case.stride[1]}-p{case.padding[0]}{case.padding[1]}-"
+            f"op{case.output_padding[0]}{case.output_padding[1]}-{case.activation}")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert torch.isfinite(out).all(), "non-finite values (an unwritten, NaN-poisoned element?)"
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
+
+
+@pytest.fixture(autouse=True)
+def nan_poisoned_allocations(monkeypatch):
+    """Every floating buffer the kernel wrappers allocate starts as NaN, so unwritten elements show."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t: torch.Tensor) -> torch.Tensor:
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    monkeypatch.setattr(kernels.torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(kernels.torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+
+
+@pytest.fixture(autouse=True)
+def triton_backend():
+    with fastgen.use_backend("triton"):
+        yield
+
+
+class Inputs(NamedTuple):
+    x: torch.Tensor
+    weight: torch.Tensor
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+
+
+def make_inputs(case: Case, dtype=torch.float32, seed: int = 0, device: str = "cpu") -> Inputs:
+    """x and weight in ``dtype``; BN parameters and buffers float32 (float64 with float64 x)."""
+    g = torch.Generator().manual_seed(seed)
+    w_shape = ((case.c_in, case.c_out) if case.transposed else (case.c_out, case.c_in)) + case.kernel
+    bn_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def rand(*shape, low=None, scale=1.0, dtype=dtype):
+        t = torch.randn(*shape, generator=g) if low is None else torch.rand(*shape, generator=g) + low
+        return (t * scale).to(device, dtype)
+
+    return Inputs(rand(case.n, case.c_in, *case.hw).requires_grad_(),
+                  rand(*w_shape, scale=0.3).requires_grad_(),
+                  rand(case.c_out, low=0.5, dtype=bn_dtype).requires_grad_(),
+                  rand(case.c_out, dtype=bn_dtype).requires_grad_(),
+                  rand(case.c_out, dtype=bn_dtype), rand(case.c_out, low=0.5, dtype=bn_dtype))
+
+
+def conv_kwargs(case: Case, training: bool) -> dict:
+    return dict(stride=case.stride, padding=case.padding, output_padding=case.output_padding,
+                transposed=case.transposed, training=training, activation=case.activation,
+                negative_slope=0.1)
+
+
+def run_both(case: Case, training: bool, seed: int = 0, dtype=torch.float32, device: str = "cpu"):
+    """(fused outputs, reference outputs): out, running mean, running var, dx, dW, dgamma, dbeta."""
+    inp = make_inputs(case, dtype, seed, device)
+    kw = conv_kwargs(case, training)
+    leaves = [t.detach().double().requires_grad_() for t in inp[:4]]
+    ref_rm, ref_rv = inp.running_mean.double(), inp.running_var.double()
+    ref = reference.conv_bn_act(*leaves, ref_rm, ref_rv, **kw)
+    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 1),
+                           dtype=torch.float64).to(device)
+    ref_grads = torch.autograd.grad(ref, leaves, grad_out)
+
+    rm, rv = inp.running_mean.clone(), inp.running_var.clone()
+    out = FF.conv_bn_act(inp.x, inp.weight, inp.gamma, inp.beta, rm, rv, **kw)
+    grads = torch.autograd.grad(out, inp[:4], grad_out.to(dtype))
+    return (out, rm, rv, *grads), (ref, ref_rm, ref_rv, *ref_grads)
+
+
+NAMES = ("out", "running_mean", "running_var", "dx", "dweight", "dgamma", "dbeta")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_train_forward_backward(case):
+    fused, ref = run_both(case, training=True)
+    for name, a, b in zip(NAMES, fused, ref):
+        assert rel_err(a, b) < TOL, name
+
+
+@pytest.mark.parametrize("case", CASES[1::3] + CASES[9::3], ids=_ids)
+def test_eval_forward_backward(case):
+    fused, ref = run_both(case, training=False)
+    for name, a, b in zip(NAMES, fused, ref):
+        if name.startswith("running"):
+            assert torch.equal(a, b.float()), f"{name} changed in eval mode"
+        else:
+            assert rel_err(a, b) < TOL, name
+
+
+@pytest.mark.parametrize("activation", reference.ACTIVATIONS)
+def test_every_activation_train_and_eval(activation):
+    transposed = reference.ACTIVATIONS.index(activation) % 2 == 1
+    case = _case(transposed, 3, 3, 5, 4, 3, 2, 1, 1 if transposed else 0, activation)
+    for training in (True, False):
+        fused, ref = run_both(case, training)
+        for name, a, b in zip(NAMES, fused, ref):
+            assert rel_err(a, b) < TOL, (name, training)
+
+
+# Half precision moves z by ~1e-3, enough to flip relu / leaky_relu derivatives at a few
+# elements and the gradients by a few percent (torch's own fp16 does the same): the reduced
+# precision tests use smooth activations; the kinks are tested in fp32 above.
+@pytest.mark.parametrize("case", [CASES[1]._replace(activation="tanh"), CASES[9]], ids=_ids)
+def test_float16(case):
+    fused, ref = run_both(case, training=True, dtype=torch.float16)
+    assert fused[0].dtype == fused[3].dtype == fused[4].dtype == torch.float16
+    for name, a, b in zip(NAMES, fused, ref):
+        assert rel_err(a, b) < 1e-2, name
+
+
+# The DCGAN 64x64 layers (width 64) at batch 8, generator then discriminator, with smooth
+# activations (see test_float16).
+DCGAN_CASES = [
+    _case(True, 8, 100, 512, 1, 4, 1, 0, 0, "tanh"),
+    _case(True, 8, 512, 256, 4, 4, 2, 1, 0, "tanh"),
+    _case(True, 8, 128, 64, 16, 4, 2, 1, 0, "tanh"),
+    _case(False, 8, 3, 64, 64, 4, 2, 1, 0, "sigmoid"),
+    _case(False, 8, 128, 256, 16, 4, 2, 1, 0, "tanh"),
+    _case(False, 8, 512, 1, 4, 4, 1, 0, 0, "sigmoid"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 5e-3), (torch.float16, 2e-2),
+                                        (torch.bfloat16, 5e-2)], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", DCGAN_CASES, ids=_ids)
+def test_gpu_dcgan_layers(case, dtype, tol):
+    """fp32 may use TF32 (torch.backends.cudnn.allow_tf32), hence the looser fp32 bound."""
+    for training in (True, False):
+        fused, ref = run_both(case, training, dtype=dtype, device="cuda")
+        again, _ = run_both(case, training, dtype=dtype, device="cuda")
+        for name, a, b, c in zip(NAMES, fused, ref, again):
+            assert rel_err(a, b) < tol, (name, training)
+            assert torch.equal(a, c), (name, "not deterministic")
+
+
+def test_deterministic_bitwise():
+    case = CASES[1]
+    first, _ = run_both(case, training=True, seed=3)
+    second, _ = run_both(case, training=True, seed=3)
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("training", [True, False])  # the apply pass and the GEMM epilogue
+def test_memory_formats_in_and_out(training):
+    """Any input layout gives the same numbers; the output keeps the input's memory format, as
+    PyTorch's conv and BN do."""
+    case = CASES[1]
+    inp = make_inputs(case)
+    kw = conv_kwargs(case, training)
+    x = inp.x.detach()
+    layouts = {"nchw": x, "channels_last": x.to(memory_format=torch.channels_last),
+               "strided": torch.cat([x, x], dim=3)[..., :case.hw[1]]}
+    outs = {name: FF.conv_bn_act(t, inp.weight, inp.gamma, inp.beta, inp.running_mean.clone(),
+                                 inp.running_var.clone(), **kw) for name, t in layouts.items()}
+    for name, out in outs.items():
+        assert torch.equal(out, outs["nchw"]), name
+        channels_last = name == "channels_last"
+        assert out.is_contiguous(memory_format=torch.channels_last) == channels_last, name
+        assert out.is_contiguous() != channels_last, name
+    outs["nchw"].view(case.n, -1)  # what a Flatten-by-view after the layer relies on
+
+
+def test_no_affine_no_running_stats():
+    case = CASES[9]
+    inp = make_inputs(case)
+    kw = conv_kwargs(case, True)
+    out = FF.conv_bn_act(inp.x, inp.weight, None, None, None, None, **kw)
+    ref = reference.conv_bn_act(inp.x.double(), inp.weight.double(), None, None, None, None, **kw)
+    assert rel_err(out, ref) < TOL
+    dx, = torch.autograd.grad(out.sum(), inp.x)
+    ref_x = inp.x.detach().double().requires_grad_()
+    ref_dx, = torch.autograd.grad(reference.conv_bn_act(ref_x, inp.weight.double(), None, None, None,
+                                                        None, **kw).sum(), ref_x)
+    assert rel_err(dx, ref_dx) < 1e-4  # the sum's gradient through BN is ~0: pure rounding
+
+
+@pytest.mark.parametrize("transposed, training", [(False, True), (True, False)])
+def test_gradcheck_float64(transposed, training):
+    case = _case(transposed, 2, 2, 3, 3, 3, 2, 1, 1 if transposed else 0, "tanh")
+    inp = make_inputs(case, dtype=torch.float64)
+    kw = conv_kwargs(case, training)
+    rm, rv = (None, None) if training else (inp.running_mean, inp.running_var)
+    torch.autograd.gradcheck(lambda *t: FF.conv_bn_act(*t, rm, rv, **kw), tuple(inp[:4]),
+                             fast_mode=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Degenerate forms: no BN (conv + bias + activation), BN without conv
+
+
+@pytest.mark.parametrize("case", [CASES[3], CASES[11], CASES[12]], ids=_ids)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_conv_bias_act(case, with_bias):
+    inp = make_inputs(case)
+    bias = inp.beta if with_bias else None
+    kw = dict(stride=case.stride, padding=case.padding, output_padding=case.output_padding,
+              transposed=case.transposed, activation=case.activation, negative_slope=0.1)
+    leaves = [inp.x, inp.weight] + ([bias] if with_bias else [])
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = reference.conv_bias_act(ref_leaves[0], ref_leaves[1], ref_leaves[2] if with_bias else None, **kw)
+    grad_out = torch.randn(ref.shape, dtype=torch.float64)
+    out = FF.conv_bias_act(inp.x, inp.weight, bias, **kw)
+    assert rel_err(out, ref) < TOL
+    for a, b in zip(torch.autograd.grad(out, leaves, grad_out.float()),
+                    torch.autograd.grad(ref, ref_leaves, grad_out)):
+        assert rel_err(a, b) < TOL
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("activation", ["relu", "sigmoid"])
+def test_bn_act(training, activation):
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(3, 17, 5, 7, generator=g) * 2 + 1).requires_grad_()
+    gamma = (torch.rand(17, generator=g) + 0.5).requires_grad_()
+    beta = torch.randn(17, generator=g).requires_grad_()
+    rm, rv = torch.randn(17, generator=g), torch.rand(17, generator=g) + 0.5
+    kw = dict(training=training, activation=activation, momentum=0.3)
+    leaves = [t.detach().double().requires_grad_() for t in (x, gamma, beta)]
+    ref_rm, ref_rv = rm.double(), rv.double()
+    ref = reference.bn_act(*leaves, ref_rm, ref_rv, **kw)
+    grad_out = torch.randn(ref.shape, dtype=torch.float64)
+    out = FF.bn_act(x, gamma, beta, rm, rv, **kw)
+    assert rel_err(out, ref) < TOL and out.is_contiguous()
+    assert rel_err(rm, ref_rm) < TOL and rel_err(rv, ref_rv) < TOL
+    for a, b in zip(torch.autograd.grad(out, (x, gamma, beta), grad_out.float()),
+                    torch.autograd.grad(ref, leaves, grad_out)):
+        assert rel_err(a, b) < TOL
+
+
+def test_gradcheck_bias_and_bn_forms():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, generator=g, dtype=torch.float64, requires_grad=True)
+    gamma = (torch.rand(3, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    torch.autograd.gradcheck(
+        lambda x, w, b: FF.conv_bias_act(x, w, b, stride=2, padding=1, output_padding=1,
+                                         transposed=True, activation="sigmoid"),
+        (x, w, b), fast_mode=True)
+    torch.autograd.gradcheck(lambda x, gamma: FF.bn_act(x, gamma, None, None, None, activation="tanh"),
+                             (x, gamma), fast_mode=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+
+
+def _args(**over):
+    x = torch.randn(2, 3, 5, 5)
+    args = dict(x=x, weight=torch.randn(4, 3, 3, 3), bn_weight=torch.ones(4), bn_bias=torch.zeros(4),
+                running_mean=torch.zeros(4), running_var=torch.ones(4))
+    args.update(over)
+    return args
+
+
+def _call(kwargs=None, **over):
+    a = _args(**over)
+    return FF.conv_bn_act(a["x"], a["weight"], a["bn_weight"], a["bn_bias"], a["running_mean"],
+                          a["running_var"], **(kwargs or {}))
+
+
+@pytest.mark.parametrize("over, kwargs, error, match", [
+    (dict(x=torch.randn(2, 5, 5, 5)), None, ValueError, "x: expected 3 channels"),
+    (dict(x=torch.randn(2, 5, 5, 5)), dict(transposed=True), ValueError, "x: expected 4 channels"),
+    (dict(x=torch.randn(3, 5, 5)), None, ValueError, "x: expected a 4-d"),
+    (dict(weight=torch.randn(4, 3, 3)), None, ValueError, "weight: expected a 4-d"),
+    (dict(x=torch.randint(0, 3, (2, 3, 5, 5))), None, TypeError, "x: expected a floating"),
+    (dict(weight=torch.randn(4, 3, 3, 3, dtype=torch.float64)), None, TypeError, "expected one dtype"),
+    (dict(x=torch.randn(2, 3, 5, 5, device="meta")), None, ValueError, "one device"),
+    (dict(running_mean=torch.zeros(4, device="meta")), None, ValueError, "one device"),
+    (dict(bn_weight=torch.ones(5)), None, ValueError, r"bn_weight: expected shape \(4,\)"),
+    (dict(x=torch.randn(1, 3, 3, 3)), None, ValueError,
+     "Expected more than 1 value per channel when training"),
+    (dict(running_mean=None, running_var=None), dict(training=False), ValueError, "eval mode"),
+    (dict(running_var=None), None, ValueError, "both or neither"),
+    (dict(), dict(output_padding=1), ValueError, "output_padding: only a transposed"),
+    (dict(x=torch.randn(2, 4, 5, 5)), dict(transposed=True, stride=2, output_padding=2), ValueError,
+     "smaller than stride"),
+    (dict(), dict(stride=0), ValueError, "stride"),
+    (dict(), dict(padding=-1), ValueError, "padding"),
+    (dict(x=torch.randn(2, 3, 2, 2)), None, ValueError, "too small"),
+    (dict(), dict(activation="gelu"), ValueError, "activation"),
+])
+def test_bad_input(over, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        _call(kwargs, **over)
+
+
+def test_one_value_per_channel_is_pytorchs_error():
+    x = torch.randn(1, 3, 3, 3)
+    with pytest.raises(ValueError) as ours:
+        _call(x=x)
+    with pytest.raises(ValueError) as theirs:
+        reference.conv_bn_act(x, torch.randn(4, 3, 3, 3), None, None, None, None)
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_reference_backend_matches():
+    case = CASES[1]
+    inp = make_inputs(case)
+    kw = conv_kwargs(case, True)
+    with fastgen.use_backend("reference"):
+        out = FF.conv_bn_act(inp.x, inp.weight, inp.gamma, inp.beta, None, None, **kw)
+    ref = reference.conv_bn_act(inp.x, inp.weight, inp.gamma, inp.beta, None, None, **kw)
+    assert torch.equal(out, ref)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel pieces that the small shapes above do not reach
+
+
+def test_chan_combine_over_many_tiles():
+    """More tiles than one combine step takes, of uneven sizes (and empty ones): mean, rstd and the
+    running-statistics update equal torch's over the whole batch."""
+    g = torch.Generator().manual_seed(7)
+    n_tiles = 3 * kernels.COMBINE_T + 5
+    counts = torch.randint(0, 9, (n_tiles,), generator=g)
+    data = torch.randn(int(counts.sum()), 5, generator=g, dtype=torch.float64) * 3 + 2
+    chunks = torch.split(data, counts.tolist())
+    part = torch.zeros(3, n_tiles, 5, dtype=torch.float32)
+    for i, chunk in enumerate(chunks):
+        if len(chunk):
+            part[0, i] = len(chunk)
+            part[1, i] = chunk.mean(0)
+            part[2, i] = ((chunk - chunk.mean(0)) ** 2).sum(0)
+    gamma, beta = torch.rand(5, generator=g) + 0.5, torch.randn(5, generator=g)
+    rm, rv = torch.randn(5, generator=g), torch.rand(5, generator=g) + 0.5
+    stats = kernels.bn_combine_stats(part, gamma, beta, rm, rv, 0.25, 1e-5)
+    mean, var = data.mean(0), data.var(0, unbiased=False)
+    assert rel_err(stats[kernels.MEAN.value], mean) < TOL
+    assert rel_err(stats[kernels.RSTD.value], (var + 1e-5).rsqrt()) < TOL
+    assert rel_err(stats[4], 0.75 * rm.double() + 0.25 * mean) < TOL
+    assert rel_err(stats[5], 0.75 * rv.double() + 0.25 * data.var(0, unbiased=True)) < TOL
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_weight_grad_split_reduction(monkeypatch, transposed):
+    """The GPU splits the weight gradient's pixel sum across programs: same result, any split."""
+    case = _case(transposed, 3, 3, 5, 16 if not transposed else 14, 3, 1 if not transposed else 2, 1,
+                 1 if transposed else 0, "relu")
+    monkeypatch.setitem(kernels.INTERPRETER_BLOCKS, "WGRAD_PROGRAMS", 1000)
+    fused, ref = run_both(case, training=True)
+    assert rel_err(fused[4], ref[4]) < TOL
+
+
+def test_double_backward_raises():
+    """The backward is not itself differentiable (e.g. a WGAN-GP penalty): an error, never wrong numbers."""
+    case = CASES[2]
+    inp = make_inputs(case)
+    out = FF.conv_bn_act(inp.x, inp.weight, inp.gamma, inp.beta, None, None, **conv_kwargs(case, True))
+    dx, = torch.autograd.grad(out.square().sum(), inp.x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|double backward"):
+        dx.sum().backward()
