@@ -1,8 +1,8 @@
-"""pytest-benchmark suite for the fused losses: fastgen vs eager vs torch.compile, one group per case.
+"""pytest-benchmark suite: fastgen vs eager vs torch.compile, one group per case (benchmarks/cases.py).
 
-    pytest benchmarks --benchmark-only                 # on a CUDA machine
-    pytest benchmarks/test_bench_losses.py             # without CUDA: tiny smoke shapes, fastgen
-                                                       # (Triton interpreter) and eager rows only
+    pytest benchmarks --benchmark-only          # on a CUDA machine
+    pytest benchmarks/test_bench.py             # without CUDA: tiny smoke shapes, fastgen
+                                                # (Triton interpreter) and eager rows only
 
 Each benchmark times a forward+backward step and is checked against the float64 reference
 first, so a fast wrong row fails instead of ranking.
@@ -11,15 +11,15 @@ first, so a fast wrong row fails instead of ranking.
 import pytest
 import torch
 
-from benchmarks.cases import IMPLS, COMPILE_MODES, check, loss_cases, make_step
+from benchmarks.cases import COMPILE_MODES, IMPLS, all_cases, check, make_step
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", loss_cases(smoke=not CUDA), ids=lambda c: c.group.replace(" ", "-"))
-def test_loss_step(benchmark, case, impl):
+@pytest.mark.parametrize("case", all_cases(smoke=not CUDA), ids=lambda c: c.group.replace(" ", "-"))
+def test_step(benchmark, case, impl):
     if impl in COMPILE_MODES and not CUDA:
         pytest.skip("torch.compile rows are measured on CUDA only; the CPU run proves the harness")
     torch.manual_seed(0)
