@@ -503,6 +503,16 @@ def _apply_fused(function: type[torch.autograd.Function], running_mean: Tensor |
     return out
 
 
+def _autocast_conv_inputs(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """x and weight in torch.autocast's dtype when autocast is on, as autocast casts F.conv2d's
+    inputs (BN parameters and running statistics stay float32). A custom autograd Function is
+    not autocast by itself, so fused layers would otherwise run a mixed-precision model in fp32."""
+    if isinstance(x, Tensor) and isinstance(weight, Tensor) and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return x.to(dtype), weight.to(dtype)
+    return x, weight
+
+
 def conv_bn_act(x: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
                 running_mean: Tensor | None, running_var: Tensor | None, *,
                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
@@ -530,8 +540,10 @@ def conv_bn_act(x: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias: Te
 
     Returns:
         ``(N, C_out, H_out, W_out)`` in x's dtype and memory format (channels_last in,
-        channels_last out; otherwise contiguous).
+        channels_last out; otherwise contiguous). Under ``torch.autocast``, x and weight are
+        first cast to the autocast dtype, as for ``F.conv2d``.
     """
+    x, weight = _autocast_conv_inputs(x, weight)
     spec, out_shape = _check_conv(x, weight, stride, padding, output_padding, transposed)
     _check_bn("x", x, out_shape, training, bn_weight, bn_bias, running_mean, running_var, momentum, eps)
     _check_activation(activation)
@@ -562,6 +574,7 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor | None, *,
     Returns:
         ``(N, C_out, H_out, W_out)`` in x's dtype.
     """
+    x, weight = _autocast_conv_inputs(x, weight)
     spec, out_shape = _check_conv(x, weight, stride, padding, output_padding, transposed)
     _check_channel_vectors(out_shape[1], bias=bias)
     if bias is not None:

@@ -15,6 +15,9 @@ from fastgen import functional as FF
 from fastgen import reference
 from fastgen.kernels import conv_bn_act as kernels
 
+# Kernel tests run on CUDA where there is one (compiled kernels), else through the interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 TOL = 1e-5  # relative error to float64, fp32 (DESIGN.md)
 
 
@@ -99,7 +102,7 @@ class Inputs(NamedTuple):
     running_var: torch.Tensor
 
 
-def make_inputs(case: Case, dtype=torch.float32, seed: int = 0, device: str = "cpu") -> Inputs:
+def make_inputs(case: Case, dtype=torch.float32, seed: int = 0, device: str = DEVICE) -> Inputs:
     """x and weight in ``dtype``; BN parameters and buffers float32 (float64 with float64 x)."""
     g = torch.Generator().manual_seed(seed)
     w_shape = ((case.c_in, case.c_out) if case.transposed else (case.c_out, case.c_in)) + case.kernel
@@ -122,7 +125,7 @@ def conv_kwargs(case: Case, training: bool) -> dict:
                 negative_slope=0.1)
 
 
-def run_both(case: Case, training: bool, seed: int = 0, dtype=torch.float32, device: str = "cpu"):
+def run_both(case: Case, training: bool, seed: int = 0, dtype=torch.float32, device: str = DEVICE):
     """(fused outputs, reference outputs): out, running mean, running var, dx, dW, dgamma, dbeta."""
     inp = make_inputs(case, dtype, seed, device)
     kw = conv_kwargs(case, training)
@@ -425,3 +428,19 @@ def test_double_backward_raises():
     dx, = torch.autograd.grad(out.square().sum(), inp.x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|double backward"):
         dx.sum().backward()
+
+
+def test_autocast_casts_x_and_weight_like_conv2d():
+    # A fused layer inside torch.autocast runs in the autocast dtype (float16 here: the CPU
+    # interpreter has no bf16), with float32 parameters, as F.conv2d would.
+    case = CASES[1]
+    inp = make_inputs(case)
+    kw = conv_kwargs(case, training=True)
+    device_type = inp.x.device.type
+    with torch.autocast(device_type, dtype=torch.float16):
+        out = FF.conv_bn_act(inp.x, inp.weight, inp.gamma, inp.beta, None, None, **kw)
+        (dx,) = torch.autograd.grad(out.float().sum(), inp.x)
+    ref = reference.conv_bn_act(inp.x.detach().half().double(), inp.weight.detach().half().double(),
+                                inp.gamma.double(), inp.beta.double(), None, None, **kw)
+    assert out.dtype == torch.float16 and dx.dtype == torch.float32
+    assert rel_err(out, ref) < 1e-2

@@ -15,6 +15,11 @@ from fastgen.nn import ConvBNAct, ConvTransposeBNAct, from_torch, fuse
 
 TOL = 1e-5
 
+# Modules and models are built on the CPU here: these run the kernels through the interpreter.
+# On a CUDA machine the kernels' own tests (tests/test_conv_bn_act.py) run compiled instead.
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
+                                reason="interpreter tests of the modules; CUDA runs the kernel tests")
+
 
 @pytest.fixture(autouse=True)
 def triton_backend():

@@ -223,11 +223,11 @@ def test_iwae_bound_trains_through_its_gradient(reference_backend):
 # The fused path
 
 
-def test_models_run_through_the_triton_kernels():
+def test_models_run_through_the_triton_kernels(device):
     torch.manual_seed(0)
-    x = (torch.rand(6, 1, 8, 8) < 0.5).float()
-    vae = VAE((1, 8, 8), 3, arch="conv", hidden=(4,))
-    ae = AutoEncoder((1, 8, 8), 3, hidden=(16,))
+    x = (torch.rand(6, 1, 8, 8) < 0.5).float().to(device)
+    vae = VAE((1, 8, 8), 3, arch="conv", hidden=(4,)).to(device)
+    ae = AutoEncoder((1, 8, 8), 3, hidden=(16,)).to(device)
     with fastgen.use_backend("triton"):
         loss = vae.loss(x)
         assert type(vae.reparameterize(*vae.encode(x))[0].grad_fn).__name__ == "_ReparameterizeBackward"
