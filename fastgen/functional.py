@@ -507,8 +507,11 @@ def _autocast_conv_inputs(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     """x and weight in torch.autocast's dtype when autocast is on, as autocast casts F.conv2d's
     inputs (BN parameters and running statistics stay float32). A custom autograd Function is
     not autocast by itself, so fused layers would otherwise run a mixed-precision model in fp32."""
-    if isinstance(x, Tensor) and isinstance(weight, Tensor) and torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    if not (isinstance(x, Tensor) and isinstance(weight, Tensor)):
+        return x, weight  # the checks that follow name the bad argument
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
         return x.to(dtype), weight.to(dtype)
     return x, weight
 
