@@ -13,6 +13,7 @@ interpreter); its numbers mean nothing.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 import fastgen
+import fastgen.nn
 from fastgen import functional as F
 from fastgen import reference as R
 
@@ -41,7 +43,9 @@ class Case:
     expected(inputs, outputs) gives the float64 values the step's outputs and input gradients
     should have (see :func:`reference_expected`; a random op derives them from its outputs).
     floor_bytes is the least traffic any implementation needs (read each input, write each
-    output and gradient once); traffic_bytes is what fastgen's kernels actually move, fwd + bwd.
+    output and gradient once); traffic_bytes is what fastgen's kernels actually move, where it
+    is known exactly; flops counts the GEMM work (0 for elementwise ops). ``backward=False``
+    times the forward alone (under no_grad).
     """
 
     family: str
@@ -50,8 +54,10 @@ class Case:
     fns: dict[str, Callable[..., Outputs]]
     expected: Callable[[tuple[Tensor, ...], tuple[Tensor, ...]], tuple[Tensor, ...]]
     floor_bytes: int
-    traffic_bytes: int
+    traffic_bytes: int | None
     tolerance: float
+    flops: int = 0
+    backward: bool = True
 
     @property
     def group(self) -> str:
@@ -62,23 +68,37 @@ def _as_tuple(outputs: Outputs) -> tuple[Tensor, ...]:
     return outputs if isinstance(outputs, tuple) else (outputs,)
 
 
+def _upstream(output: Tensor) -> Tensor:
+    """The upstream gradient for ``output``: fixed random numbers (ones would make BatchNorm's
+    input gradient vanish), the same for every implementation and for the reference."""
+    gen = torch.Generator(output.device).manual_seed(0)
+    return torch.randn(output.shape, generator=gen, device=output.device).to(output.dtype)
+
+
 def _fwd_bwd(fn: Callable[..., Outputs], inputs: tuple[Tensor, ...],
              grad_outputs: list[Tensor] | None = None) -> tuple[Tensor, ...]:
-    """(outputs..., gradients of the inputs that require grad), ones as upstream gradients."""
+    """(outputs..., gradients of the inputs that require grad) for the :func:`_upstream` gradients."""
     outputs = _as_tuple(fn(*inputs))
     if grad_outputs is None:
-        grad_outputs = [torch.ones_like(o) for o in outputs]
+        grad_outputs = [_upstream(o) for o in outputs]
     grads = torch.autograd.grad(outputs, [t for t in inputs if t.requires_grad], grad_outputs)
     return (*(o.detach() for o in outputs), *grads)
 
 
 def make_step(case: Case, impl: str, inputs: tuple[Tensor, ...]) -> Step:
-    """The fwd+bwd step of ``impl`` on ``inputs``: returns (outputs..., input gradients...)."""
+    """The step of ``impl`` on ``inputs``: (outputs..., input gradients...), or the outputs alone
+    for a forward-only case."""
     fn = torch.compile(case.fns["eager"], mode=COMPILE_MODES[impl]) if impl in COMPILE_MODES else case.fns[impl]
     backend = (lambda: fastgen.use_backend("triton")) if impl == "fastgen" else contextlib.nullcontext
+    if not case.backward:
+        def forward() -> tuple[Tensor, ...]:
+            with backend(), torch.no_grad():
+                return _as_tuple(fn(*inputs))
+        return forward
+
     with backend(), torch.no_grad():
-        # The upstream gradients are allocated once, outside the timed step.
-        grad_outputs = [torch.ones_like(o) for o in _as_tuple(fn(*inputs))]
+        # The upstream gradients are made once, outside the timed step.
+        grad_outputs = [_upstream(o) for o in _as_tuple(fn(*inputs))]
 
     def step() -> tuple[Tensor, ...]:
         with backend():
@@ -96,8 +116,11 @@ def reference_expected(reference: Callable[..., Outputs]):
 
 def check(case: Case, inputs: tuple[Tensor, ...], outputs: tuple[Tensor, ...]) -> float:
     """Largest relative error ||out - ref|| / ||ref|| of a step's outputs against float64."""
+    expected = case.expected(inputs, outputs)
+    if not case.backward:
+        expected = expected[:len(outputs)]
     worst = 0.0
-    for out, ref in zip(outputs, case.expected(inputs, outputs), strict=True):
+    for out, ref in zip(outputs, expected, strict=True):
         out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
         if not torch.isfinite(out).all():
             return float("inf")
@@ -204,6 +227,140 @@ def reparam_cases(smoke: bool = False) -> list[Case]:
     return cases
 
 
+# ----------------------------------------------------------------------------------------------
+# Conv + BN + activation: every layer of the 64x64 DCGAN (width 64, z of 100), and whole G and D
+
+# name: (transposed, c_in, c_out, input size, stride, padding, batch norm, activation); kernel 4.
+DCGAN64_LAYERS = {
+    "G1": (True, 100, 512, 1, 1, 0, True, "relu"),
+    "G2": (True, 512, 256, 4, 2, 1, True, "relu"),
+    "G3": (True, 256, 128, 8, 2, 1, True, "relu"),
+    "G4": (True, 128, 64, 16, 2, 1, True, "relu"),
+    "G5": (True, 64, 3, 32, 2, 1, False, "tanh"),
+    "D1": (False, 3, 64, 64, 2, 1, False, "leaky_relu"),
+    "D2": (False, 64, 128, 32, 2, 1, True, "leaky_relu"),
+    "D3": (False, 128, 256, 16, 2, 1, True, "leaky_relu"),
+    "D4": (False, 256, 512, 8, 2, 1, True, "leaky_relu"),
+    "D5": (False, 512, 1, 4, 1, 0, False, "identity"),
+}
+KERNEL = 4
+CONV_TOLERANCE = {torch.float32: 5e-3, torch.bfloat16: 5e-2}  # fp32 convs may use TF32, as torch's
+
+
+def _layer_fn(functional, layer: tuple) -> Callable[..., Tensor]:
+    transposed, _, _, _, stride, padding, bn, activation = layer
+    kw = dict(stride=stride, padding=padding, transposed=transposed, activation=activation,
+              negative_slope=0.2)
+    if bn:  # batch statistics only: the running-statistics update is C floats, not worth a row
+        return lambda x, w, gamma, beta: functional.conv_bn_act(x, w, gamma, beta, None, None, **kw)
+    return lambda x, w: functional.conv_bias_act(x, w, None, **kw)
+
+
+def _layer_geometry(layer: tuple, batch: int) -> tuple[int, int, int, int]:
+    """(x, weight, y) element counts and the fwd GEMM FLOPs of one layer."""
+    transposed, c_in, c_out, size, stride, padding, _, _ = layer
+    out = (size - 1) * stride - 2 * padding + KERNEL if transposed else (size + 2 * padding - KERNEL) // stride + 1
+    x, w, y = batch * c_in * size * size, c_in * c_out * KERNEL * KERNEL, batch * c_out * out * out
+    # Every output (conv) or input (transposed) pixel meets every tap once.
+    return x, w, y, 2 * w * batch * (size * size if transposed else out * out)
+
+
+def _dcgan_model(kind: str) -> torch.nn.Sequential:
+    """The plain-PyTorch DCGAN 64x64 generator ("G") or discriminator ("D"), DCGAN init."""
+    blocks = []
+    for name, (transposed, c_in, c_out, _, stride, padding, bn, activation) in DCGAN64_LAYERS.items():
+        if name[0] != kind:
+            continue
+        conv_type = torch.nn.ConvTranspose2d if transposed else torch.nn.Conv2d
+        blocks.append(conv_type(c_in, c_out, KERNEL, stride, padding, bias=False))
+        if bn:
+            blocks.append(torch.nn.BatchNorm2d(c_out))
+        blocks.append({"relu": torch.nn.ReLU(), "tanh": torch.nn.Tanh(), "identity": torch.nn.Identity(),
+                       "leaky_relu": torch.nn.LeakyReLU(0.2)}[activation])
+    model = torch.nn.Sequential(*blocks)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, 1.0 if p.dim() == 1 else 0.0, 0.02)
+    return model
+
+
+def _model_case(kind: str, dtype: torch.dtype, batch: int) -> Case:
+    torch_model = _dcgan_model(kind)
+    fused = fastgen.nn.fuse(copy.deepcopy(torch_model))
+    layers = [layer for name, layer in DCGAN64_LAYERS.items() if name[0] == kind]
+    in_shape = (batch, layers[0][1], layers[0][3], layers[0][3])
+    models = {}
+
+    def on(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        key = (id(model), device)
+        if key not in models:
+            models[key] = model.to(device, memory_format=torch.channels_last)
+        return models[key]
+
+    def fn(model: torch.nn.Module) -> Callable[..., Tensor]:
+        # fuse() nests each conv-BN-act run in a block: same parameters, in order, other names.
+        names = [n for n, _ in model.named_parameters()]
+
+        def run(x: Tensor, *params: Tensor) -> Tensor:
+            with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                return torch.func.functional_call(on(model, x.device), dict(zip(names, params)), (x,)).float()
+        return run
+
+    def make_inputs(device: torch.device) -> tuple[Tensor, ...]:
+        x = torch.randn(in_shape, device=device).to(memory_format=torch.channels_last).requires_grad_()
+        return (x, *(p.detach().to(device).clone().requires_grad_() for p in torch_model.parameters()))
+
+    reference_model = copy.deepcopy(torch_model).double()
+    names = [n for n, _ in torch_model.named_parameters()]
+
+    def expected(inputs: tuple[Tensor, ...], outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        device = inputs[0].device
+        ref = lambda x, *p: torch.func.functional_call(on(reference_model, device), dict(zip(names, p)), (x,))
+        return _fwd_bwd(ref, tuple(t.detach().double().requires_grad_() for t in inputs))
+
+    sizes = [_layer_geometry(layer, batch) for layer in layers]
+    item = dtype.itemsize
+    return Case(
+        "dcgan64", f"{kind} B={batch} {str(dtype)[6:]}", make_inputs,
+        {"fastgen": fn(fused), "eager": fn(torch_model)}, expected,
+        floor_bytes=sum(item * (3 * x + 3 * w + 2 * y) for x, w, y, _ in sizes), traffic_bytes=None,
+        tolerance=CONV_TOLERANCE[dtype], flops=3 * sum(f for *_, f in sizes))
+
+
+def conv_cases(smoke: bool = False) -> list[Case]:
+    """Every DCGAN 64x64 layer at batch 256, forward and forward + backward, and whole G and D."""
+    batch = 2 if smoke else 256
+    dtypes = (torch.float32,) if smoke else (torch.bfloat16, torch.float32)
+    layer_names = ["G2", "D2"] if smoke else list(DCGAN64_LAYERS)
+    cases = []
+    for dtype in dtypes:
+        item = dtype.itemsize
+        for name in layer_names:
+            layer = DCGAN64_LAYERS[name]
+            transposed, c_in, c_out, size, _, _, bn, _ = layer
+            x_count, w_count, y_count, flops = _layer_geometry(layer, batch)
+            w_shape = (c_in, c_out, KERNEL, KERNEL) if transposed else (c_out, c_in, KERNEL, KERNEL)
+
+            def make_inputs(device, c_in=c_in, size=size, w_shape=w_shape, bn=bn, c_out=c_out, dtype=dtype):
+                x = torch.randn(batch, c_in, size, size, device=device).to(dtype, memory_format=torch.channels_last)
+                w = (torch.randn(w_shape, device=device) * 0.05).to(dtype)
+                affine = (torch.rand(c_out, device=device) + 0.5, torch.randn(c_out, device=device)) if bn else ()
+                return tuple(t.requires_grad_() for t in (x, w, *affine))
+
+            for backward in (False, True):
+                cases.append(Case(
+                    "conv_bn_act" if bn else "conv_bias_act",
+                    f"DCGAN64 {name} B={batch} {str(dtype)[6:]} {'fwd+bwd' if backward else 'fwd'}",
+                    make_inputs, {"fastgen": _layer_fn(F, layer), "eager": _layer_fn(R, layer)},
+                    reference_expected(_layer_fn(R, layer)),
+                    floor_bytes=item * ((3 * x_count + 3 * w_count + 2 * y_count) if backward
+                                        else (x_count + w_count + y_count)),
+                    traffic_bytes=None, tolerance=1e-4 if smoke else CONV_TOLERANCE[dtype],
+                    flops=3 * flops if backward else flops, backward=backward))
+        if not smoke:  # whole models through the interpreter take minutes: GPU rows only
+            cases += [_model_case(kind, dtype, batch) for kind in "GD"]
+    return cases
+
+
 def all_cases(smoke: bool = False) -> list[Case]:
     """Every benchmark case, op family by op family."""
-    return loss_cases(smoke) + reparam_cases(smoke)
+    return loss_cases(smoke) + reparam_cases(smoke) + conv_cases(smoke)

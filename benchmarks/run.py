@@ -94,7 +94,7 @@ def nvml_info() -> dict:
 
 
 def run_case(case: Case, impls: tuple[str, ...], device: torch.device, cuda: bool,
-             copy_gbs: float) -> list[dict]:
+             copy_gbs: float, matmul_tflops: float) -> list[dict]:
     """Time every implementation of ``case`` on the same inputs; one dict per row."""
     torch.manual_seed(0)
     inputs = case.make_inputs(device)
@@ -122,7 +122,10 @@ def run_case(case: Case, impls: tuple[str, ...], device: torch.device, cuda: boo
                     row["cudagraph_error"] = f"{type(err).__name__}: {err}"[:200]
             best_ms = min(t for t in (row["ms"], row["ms_cudagraph"]) if t is not None)
             row["floor_gbs"] = case.floor_bytes / (best_ms * 1e-3) / 1e9
-            if impl == "fastgen":
+            if case.flops:
+                row["tflops"] = case.flops / (best_ms * 1e-3) / 1e12
+                row["tflops_pct_of_matmul"] = 100 * row["tflops"] / matmul_tflops
+            if impl == "fastgen" and case.traffic_bytes is not None:
                 row["traffic_gbs"] = case.traffic_bytes / (best_ms * 1e-3) / 1e9
                 row["traffic_pct_of_copy"] = 100 * row["traffic_gbs"] / copy_gbs
         except Exception as err:  # one failing baseline must not hide the others
@@ -157,19 +160,21 @@ def markdown(report: dict) -> str:
     lines.append("Times are medians of fwd+bwd steps: CUDA events after warm-up, and under a CUDA graph "
                  "where the step captures. Speedups use the faster of the two for each row. "
                  "floor GB/s = the least bytes any implementation must move / time; fastgen's own "
-                 "traffic is also given as % of the copy bandwidth.\n")
+                 "traffic (where known exactly) as % of the copy bandwidth; TFLOP/s counts the "
+                 "conv GEMMs (fwd+bwd = 3x fwd) against the matmul rate measured here.\n")
     lines.append("| op | case | impl | ms | ms (graph) | vs eager | vs compile | floor GB/s | "
-                 "traffic % copy | peak MiB | max rel err | ok |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+                 "traffic % copy | TFLOP/s | % matmul | peak MiB | max rel err | ok |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in report["rows"]:
         if "error" in r:
-            lines.append(f"| {r['family']} | {r['case']} | {r['impl']} | error: {r['error']} |||||||||")
+            lines.append(f"| {r['family']} | {r['case']} | {r['impl']} | error: {r['error']} |||||||||||")
             continue
         lines.append(
             f"| {r['family']} | {r['case']} | {r['impl']} | {_fmt(r['ms'], '.4f')} | "
             f"{_fmt(r.get('ms_cudagraph'), '.4f')} | {_fmt(r.get('speedup_vs_eager'), '.2f')} | "
             f"{_fmt(r.get('speedup_vs_compile'), '.2f')} | {_fmt(r.get('floor_gbs'), '.0f')} | "
-            f"{_fmt(r.get('traffic_pct_of_copy'), '.0f')} | {_fmt(r.get('peak_extra_mib'), '.1f')} | "
+            f"{_fmt(r.get('traffic_pct_of_copy'), '.0f')} | {_fmt(r.get('tflops'), '.1f')} | "
+            f"{_fmt(r.get('tflops_pct_of_matmul'), '.0f')} | {_fmt(r.get('peak_extra_mib'), '.1f')} | "
             f"{r['max_rel_err']:.1e} | {'yes' if r['ok'] else 'NO'} |")
     return "\n".join(lines) + "\n"
 
@@ -205,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for case in all_cases(smoke=args.smoke):
         if re.search(args.only, case.group):
-            report["rows"] += run_case(case, impls, device, cuda, report["copy_gbs"])
+            report["rows"] += run_case(case, impls, device, cuda, report["copy_gbs"], report["matmul_tflops"])
             print(f"done: {case.group}", flush=True)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
