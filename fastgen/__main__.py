@@ -1,0 +1,5 @@
+"""``python -m fastgen``: see :mod:`fastgen.cli`."""
+
+from fastgen.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,391 @@
+"""One training loop for GANs (DCGAN, class-conditional, 2D MLP), auto-encoders and VAEs.
+
+A run lives in its directory::
+
+    config.json      the resolved TrainConfig
+    metrics.jsonl    one JSON object per logged step: step, losses, D(x), D(G(z)), images_per_s
+    samples/         step_XXXXXX.png every sample_every steps and at the end
+    checkpoint.pt    the latest checkpoint (atomic; see fastgen.train.checkpoint)
+
+Determinism: the run seeds torch, numpy and ``random`` from ``seed``; data order comes from a
+:class:`~fastgen.data.BatchSampler`; pictures are drawn on a forked RNG. A checkpoint holds all of
+that state, so on the CPU a resumed run repeats the losses and weights of an uninterrupted one
+bit for bit. On CUDA, bf16 autocast (``amp``) runs the forward passes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from fastgen.backend import use_backend
+from fastgen.data import BatchSampler
+from fastgen.models.losses import GANObjective, gradient_penalty, r1_penalty
+from fastgen.train.checkpoint import (CheckpointError, atomic_write_bytes, capture_rng_state, load_checkpoint,
+                                      restore_rng_state, save_checkpoint)
+from fastgen.train.config import RESUME_OPTIONS, TrainConfig
+from fastgen.train.factory import GAN_MODELS, build_models, load_dataset, resolve_device
+from fastgen.train.inference import CHECKPOINT_FILE, checkpoint_path, save_sample_picture
+
+__all__ = ["Trainer", "GANTrainer", "AutoencoderTrainer", "NonFiniteLossError", "EMA",
+           "CONFIG_FILE", "METRICS_FILE"]
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+# EMA decay warms up as (1 + step) / (10 + step) so early weights do not linger in short runs.
+_EMA_WARMUP = 10
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite: the run stopped before applying that update."""
+
+
+class EMA:
+    """Exponential moving average of a module's weights into a copy of it:
+    ``average <- decay * average + (1 - decay) * model`` over floating parameters and buffers (BN
+    statistics included); integer buffers are copied.
+
+    The tensors are paired once: ``load_state_dict`` copies in place, so the pairs stay valid.
+    """
+
+    def __init__(self, average: nn.Module, model: nn.Module) -> None:
+        pairs = list(zip(average.state_dict().values(), model.state_dict().values()))
+        self._averages = [avg for avg, _ in pairs if avg.is_floating_point()]
+        self._lives = [live for avg, live in pairs if avg.is_floating_point()]
+        self._copies = [(avg, live) for avg, live in pairs if not avg.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        torch._foreach_lerp_(self._averages, self._lives, 1.0 - decay)
+        for avg, live in self._copies:
+            avg.copy_(live)
+
+
+def _adam(model: nn.Module, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
+    # foreach: one kernel per op over all tensors (the CUDA default; on the CPU it saves the
+    # per-tensor overhead that dominates small models).
+    return torch.optim.Adam(model.parameters(), lr, betas=betas, foreach=True)
+
+
+class Trainer:
+    """The loop shared by every objective: data, models, optimizers, logging, pictures, checkpoints.
+
+    Build one with :meth:`create` (a new run) or :meth:`resume` (from a checkpoint), then call
+    :meth:`fit`. Subclasses define the optimizers and one training step.
+
+    Args:
+        config: the resolved run configuration.
+        progress: show a tqdm progress bar (losses and throughput) on stderr.
+
+    Raises:
+        ValueError / FileNotFoundError: bad device or data (the message names the option).
+    """
+
+    images_per_step: int
+
+    def __init__(self, config: TrainConfig, *, progress: bool = True) -> None:
+        self.config = config
+        self.progress = progress
+        self.device = resolve_device(config.device)
+        self.amp = bool(config.amp) and self.device.type == "cuda"
+        self.run_dir = Path(config.out_dir)
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed)
+        random.seed(config.seed)
+        self.data = load_dataset(config, self.device)
+        self.sampler = BatchSampler(len(self.data.inputs), config.batch_size, seed=config.seed)
+        self.models = build_models(config, self.device)
+        self.optimizers = self._build_optimizers()
+        self.step = 0
+        self.saved_step: int | None = None  # step of the checkpoint on disk, if any
+
+    @staticmethod
+    def create(config: TrainConfig, *, progress: bool = True) -> "Trainer":
+        """The trainer for ``config.model``: :class:`GANTrainer` or :class:`AutoencoderTrainer`."""
+        trainer_type = GANTrainer if config.model in GAN_MODELS else AutoencoderTrainer
+        return trainer_type(config, progress=progress)
+
+    @staticmethod
+    def resume(path: str | Path, *, progress: bool = True, **overrides: Any) -> "Trainer":
+        """Continue the run of checkpoint ``path`` (a file or run directory), in that directory.
+
+        ``overrides`` may change only :data:`~fastgen.train.config.RESUME_OPTIONS` (``steps`` to
+        train further, ``device``, ...); ``None`` values are ignored.
+
+        Raises:
+            FileNotFoundError / CheckpointError: no valid checkpoint at ``path``.
+            ValueError: an option that a resume cannot change.
+        """
+        path = checkpoint_path(path)
+        state = load_checkpoint(path)
+        values = dict(state["config"])
+        for name, value in overrides.items():
+            if value is None:
+                continue
+            if name not in RESUME_OPTIONS:
+                raise ValueError(f"{name}: cannot be changed when resuming (a resume continues the same run); "
+                                 f"a resume may change {', '.join(RESUME_OPTIONS)}")
+            values[name] = value
+        values["out_dir"] = str(path.parent)
+        trainer = Trainer.create(TrainConfig.from_dict(values), progress=progress)
+        trainer.load_state_dict(state)
+        return trainer
+
+    # ------------------------------------------------------------------------------------------
+    # State
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs, as tensors and plain values (for ``weights_only`` loading)."""
+        return {
+            "config": self.config.to_dict(),
+            "step": self.step,
+            "models": {name: module.state_dict() for name, module in self.models.items()},
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "sampler": self.sampler.state_dict(),
+            "rng": capture_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output. Raises CheckpointError when it does not fit this run."""
+        try:
+            for name, module in self.models.items():
+                module.load_state_dict(state["models"][name])
+            for name, optimizer in self.optimizers.items():
+                optimizer.load_state_dict(state["optimizers"][name])
+            self.sampler.load_state_dict(state["sampler"])
+            restore_rng_state(state["rng"])
+            self.step = self.saved_step = int(state["step"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as err:
+            raise CheckpointError(f"the checkpoint does not fit this run ({type(err).__name__}: {err})") from None
+
+    @property
+    def checkpoint_file(self) -> Path:
+        return self.run_dir / CHECKPOINT_FILE
+
+    def save_checkpoint(self) -> None:
+        """Write the run's state to ``checkpoint.pt`` atomically."""
+        save_checkpoint(self.state_dict(), self.checkpoint_file)
+        self.saved_step = self.step
+
+    # ------------------------------------------------------------------------------------------
+    # The loop
+
+    def fit(self) -> dict[str, float]:
+        """Train from the current step to ``config.steps``; return the last metrics record.
+
+        Raises:
+            NonFiniteLossError: a loss became NaN/inf (the checkpoint on disk is the last good one).
+            ValueError: the run is already at ``config.steps``.
+        """
+        cfg = self.config
+        if self.step >= cfg.steps:
+            raise ValueError(f"steps: the run is already at step {self.step}; pass more steps to continue it")
+        (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.run_dir / CONFIG_FILE, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+        self._drop_metrics_after(self.step)
+        sums: dict[str, float] = {}
+        window_steps, window_seconds, record = 0, 0.0, {}
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step",
+                   desc=f"{cfg.model} {self.device.type}", dynamic_ncols=True)
+        try:
+            with use_backend(cfg.backend):
+                while self.step < cfg.steps:
+                    start = time.perf_counter()
+                    values = self.train_step()
+                    window_seconds += time.perf_counter() - start
+                    self.step += 1
+                    window_steps += 1
+                    for name, value in values.items():
+                        sums[name] = sums.get(name, 0.0) + value
+                    bar.update()
+                    last = self.step == cfg.steps
+                    if self.step % cfg.log_every == 0 or last:
+                        record = {"step": self.step, **{k: v / window_steps for k, v in sums.items()},
+                                  "images_per_s": window_steps * self.images_per_step / window_seconds}
+                        self._append_metrics(record)
+                        bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k != "step"}, refresh=False)
+                        sums, window_steps, window_seconds = {}, 0, 0.0
+                    if self.step % cfg.sample_every == 0 or last:
+                        self.save_samples(self.run_dir / "samples" / f"step_{self.step:06d}.png")
+                    if self.step % cfg.checkpoint_every == 0 or last:
+                        self.save_checkpoint()
+        finally:
+            bar.close()
+        return record
+
+    def train_step(self) -> dict[str, float]:
+        """One optimization step; returns the logged values of that step."""
+        raise NotImplementedError
+
+    def _build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        raise NotImplementedError
+
+    def save_samples(self, path: Path) -> None:
+        """Write the run's sample picture (see :func:`~fastgen.train.inference.save_sample_picture`)."""
+        save_sample_picture(self.config, self.models, path, seed=self.config.seed, dataset=self.data)
+
+    def _next_batch(self, with_labels: bool = False) -> tuple[Tensor, Tensor | None]:
+        index = next(self.sampler).to(self.device)
+        x = self.data.inputs[index]
+        if x.dim() == 4:
+            if x.shape[-1] < self.config.image_size:  # 64x64 models: upsample the stored 32x32 images
+                x = F.interpolate(x, size=self.config.image_size, mode="bilinear", align_corners=False)
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, self.data.labels[index] if with_labels else None
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def _apply(self, optimizer: str, loss: Tensor, logged: dict[str, Tensor]) -> dict[str, float]:
+        """Backward ``loss``, check the logged values (one device sync), then step ``optimizer``."""
+        opt = self.optimizers[optimizer]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        values = dict(zip(logged, torch.stack([t.detach().float() for t in logged.values()]).tolist()))
+        bad = [f"{name}={value}" for name, value in values.items() if not math.isfinite(value)]
+        if bad:
+            kept = (f"the last good checkpoint is {self.checkpoint_file} (step {self.saved_step})"
+                    if self.saved_step is not None else "no checkpoint had been written yet")
+            raise NonFiniteLossError(f"step {self.step + 1}: non-finite {', '.join(bad)}; stopped before "
+                                     f"applying this update; {kept}")
+        opt.step()
+        return values
+
+    def _drop_metrics_after(self, step: int) -> None:
+        # A run resumed from step k continues the log from k: records past k were never
+        # checkpointed, and a kill may have cut the last line short.
+        path = self.run_dir / METRICS_FILE
+        if not path.exists():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _record_step(line) <= step]
+        if len(kept) != len(lines):
+            atomic_write_bytes(path, "".join(kept).encode())
+
+    def _append_metrics(self, record: dict[str, float]) -> None:
+        with open(self.run_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _record_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a line that is not a complete record."""
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else math.inf
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+class GANTrainer(Trainer):
+    """Alternating updates: ``n_critic`` discriminator steps, each on a fresh real batch, then one
+    generator step on the last critic step's generated batch; Adam for both (DCGAN defaults
+    lr 2e-4, betas (0.5, 0.999)); the EMA generator follows after each generator step.
+
+    Logged per step: ``d_loss``, ``d_real`` (D(x)), ``d_fake`` (D(G(z))), ``g_loss``, and when they
+    apply ``gp``, ``r1`` (unweighted penalties), ``d_class``, ``g_class`` (ACGAN cross-entropies).
+    """
+
+    def __init__(self, config: TrainConfig, *, progress: bool = True) -> None:
+        super().__init__(config, progress=progress)
+        self.objective = GANObjective(config.loss, config.label_smoothing)
+        self.conditional = config.model == "cgan"
+        self.acgan = config.conditioning == "acgan"
+        self.images_per_step = config.batch_size * config.n_critic
+        self.ema = (EMA(self.models["generator_ema"], self.models["generator"])
+                    if "generator_ema" in self.models else None)
+
+    def _build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        betas = (self.config.beta1, self.config.beta2)
+        return {
+            "generator": _adam(self.models["generator"], self.config.lr_g, betas),
+            "discriminator": _adam(self.models["discriminator"], self.config.lr_d, betas),
+        }
+
+    def _discriminate(self, x: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Adversarial logits ``(B,)`` and, for ACGAN, class logits ``(B, K)`` (its logits ignore labels)."""
+        discriminator = self.models["discriminator"]
+        if self.acgan:
+            features = discriminator.features(x)
+            return discriminator.head(features), discriminator.classify(features)
+        return discriminator(x, labels), None
+
+    def _discriminator_step(self, real: Tensor, fake: Tensor, labels: Tensor | None) -> dict[str, float]:
+        cfg = self.config
+        if cfg.r1_gamma:
+            real.requires_grad_(True)
+        with self._autocast():
+            real_logits, real_classes = self._discriminate(real, labels)
+            fake_logits, fake_classes = self._discriminate(fake, labels)
+            out = self.objective.d_loss(real_logits, fake_logits)
+            loss = out.loss
+            logged = {"d_loss": out.loss, "d_real": out.d_real, "d_fake": out.d_fake}
+            if self.acgan:
+                logged["d_class"] = (F.cross_entropy(real_classes.float(), labels)
+                                     + F.cross_entropy(fake_classes.float(), labels))
+                loss = loss + logged["d_class"]
+            if cfg.loss == "wgan_gp":
+                logged["gp"] = gradient_penalty(lambda x: self._discriminate(x, labels)[0], real, fake)
+                loss = loss + cfg.gp_weight * logged["gp"]
+            if cfg.r1_gamma:
+                logged["r1"] = r1_penalty(real_logits, real)
+                loss = loss + 0.5 * cfg.r1_gamma * logged["r1"]
+        return self._apply("discriminator", loss, logged)
+
+    def _generator_step(self, fake: Tensor, labels: Tensor | None) -> dict[str, float]:
+        discriminator = self.models["discriminator"]
+        discriminator.requires_grad_(False)  # G's step needs gradients through D, not for D's weights
+        try:
+            with self._autocast():
+                fake_logits, fake_classes = self._discriminate(fake, labels)
+                out = self.objective.g_loss(fake_logits)
+                loss = out.loss
+                logged = {"g_loss": out.loss}
+                if self.acgan:
+                    logged["g_class"] = F.cross_entropy(fake_classes.float(), labels)
+                    loss = loss + logged["g_class"]
+            return self._apply("generator", loss, logged)
+        finally:
+            discriminator.requires_grad_(True)
+
+    def train_step(self) -> dict[str, float]:
+        generator = self.models["generator"]
+        values: dict[str, float] = {}
+        for critic_step in range(self.config.n_critic):
+            # Conditional models generate the classes of the real batch.
+            real, labels = self._next_batch(with_labels=self.conditional)
+            z = torch.randn(real.shape[0], generator.latent_size, device=self.device)
+            # Only the last critic step's fake batch feeds the generator step: keep its graph.
+            with self._autocast(), torch.set_grad_enabled(critic_step == self.config.n_critic - 1):
+                fake = generator(z, labels)
+            values = self._discriminator_step(real, fake.detach(), labels)
+        values |= self._generator_step(fake, labels)
+        if self.ema is not None:
+            self.ema.update(min(self.config.ema, (1 + self.step) / (_EMA_WARMUP + self.step)))
+        return values
+
+
+class AutoencoderTrainer(Trainer):
+    """Minimizes the mean of ``model.loss(x)`` (AE: reconstruction loss; VAE: negative beta-ELBO)
+    with Adam. Logged per step: ``loss``."""
+
+    def __init__(self, config: TrainConfig, *, progress: bool = True) -> None:
+        super().__init__(config, progress=progress)
+        self.images_per_step = config.batch_size
+
+    def _build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"model": _adam(self.models["model"], self.config.lr, (self.config.beta1, self.config.beta2))}
+
+    def train_step(self) -> dict[str, float]:
+        x, _ = self._next_batch()
+        with self._autocast():
+            loss = self.models["model"].loss(x).mean()
+        return self._apply("model", loss, {"loss": loss})

@@ -1,0 +1,251 @@
+"""The trainer: bit-exact resume, NaN guard, run directory, objectives, AE/VAE, config checks."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastgen.data import write_idx
+from fastgen.train import NonFiniteLossError, TrainConfig, Trainer, evaluate, generate, load_run
+from fastgen.train.checkpoint import CheckpointError, load_checkpoint
+from fastgen.train.trainer import EMA
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models run fastest on one thread, and the CI machine's two cores are shared.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    """A small MNIST-style data set: 96 train / 40 test random 28x28 images with labels 0..9."""
+    folder = tmp_path_factory.mktemp("idx")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 96), ("t10k", 40)):
+        write_idx(folder / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(folder / f"{split}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8))
+    return str(folder)
+
+
+def _config(model, out_dir, **options):
+    small = {
+        "gan2d": dict(hidden=16, depth=2, batch_size=32),
+        "gan": dict(width=4, latent_size=8, batch_size=8),
+        "cgan": dict(width=4, latent_size=8, batch_size=8),
+        "ae": dict(hidden=[32], latent_size=4, batch_size=16),
+        "vae": dict(hidden=[32], latent_size=4, batch_size=16),
+    }[model]
+    base = dict(small, backend="reference", log_every=1, sample_every=1000, checkpoint_every=1000)
+    return TrainConfig.resolve(model, out_dir=str(out_dir), **(base | options))
+
+
+def _train(config):
+    trainer = Trainer.create(config, progress=False)
+    trainer.fit()
+    return trainer
+
+
+def _metrics(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        record.pop("images_per_s")
+    return records
+
+
+def _assert_same_state(a, b):
+    def flat(tree, prefix=""):
+        if isinstance(tree, dict):
+            for key, value in tree.items():
+                yield from flat(value, f"{prefix}/{key}")
+        elif isinstance(tree, (list, tuple)):
+            for i, value in enumerate(tree):
+                yield from flat(value, f"{prefix}/{i}")
+        else:
+            yield prefix, tree
+
+    items_a, items_b = dict(flat(a)), dict(flat(b))
+    assert items_a.keys() == items_b.keys()
+    for key, value in items_a.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, items_b[key]), key
+        else:
+            assert value == items_b[key], key
+
+
+RESUME_CASES = {
+    "gan2d": ("gan2d", {}),
+    "gan2d-wgan-gp-r1-sn": ("gan2d", dict(loss="wgan_gp", n_critic=2, r1_gamma=1.0, spectral_norm=True)),
+    "gan64": ("gan", dict(image_size=64, width=2)),
+    "cgan-acgan": ("cgan", dict(conditioning="acgan", loss="hinge")),
+    "vae": ("vae", {}),
+}
+
+
+@pytest.mark.parametrize("case", RESUME_CASES)
+def test_resume_is_bit_exact(tmp_path, image_dir, case):
+    """N steps straight vs N/2 steps, a resume in a fresh trainer, N/2 more: same losses, same
+    weights, optimizer states, data order and RNG states, bit for bit."""
+    model, options = RESUME_CASES[case]
+    if model != "gan2d":
+        options = dict(options, data_dir=image_dir)
+    steps = 6
+    straight = _train(_config(model, tmp_path / "straight", steps=steps, checkpoint_every=3, **options))
+    _train(_config(model, tmp_path / "split", steps=steps // 2, **options))
+    resumed = Trainer.resume(tmp_path / "split", steps=steps, progress=False)
+    assert resumed.step == steps // 2
+    resumed.fit()
+    assert _metrics(tmp_path / "split") == _metrics(tmp_path / "straight")
+    assert [r["step"] for r in _metrics(tmp_path / "split")] == list(range(1, steps + 1))
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    for part in ("models", "optimizers", "sampler", "rng", "step"):
+        _assert_same_state(a[part], b[part])
+    assert straight.step == resumed.step == steps
+
+
+def test_resume_drops_log_records_past_the_checkpoint(tmp_path):
+    """Records written after the last checkpoint (and a line cut short by a kill) are dropped."""
+    _train(_config("gan2d", tmp_path / "run", steps=2))
+    log = tmp_path / "run" / "metrics.jsonl"
+    log.write_text(log.read_text() + '{"step": 3, "d_loss": 1.0}\n{"step": 4, "d_lo')
+    Trainer.resume(tmp_path / "run", steps=4, progress=False).fit()
+    assert [r["step"] for r in _metrics(tmp_path / "run")] == [1, 2, 3, 4]
+    assert all("g_loss" in r for r in _metrics(tmp_path / "run"))
+
+
+def test_runs_repeat_and_seeds_differ(tmp_path):
+    _train(_config("gan2d", tmp_path / "a", steps=3))
+    _train(_config("gan2d", tmp_path / "b", steps=3))
+    _train(_config("gan2d", tmp_path / "c", steps=3, seed=1))
+    assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
+    assert _metrics(tmp_path / "a") != _metrics(tmp_path / "c")
+
+
+def test_run_directory(tmp_path, image_dir):
+    config = _config("cgan", tmp_path / "run", steps=4, data_dir=image_dir, sample_every=2, checkpoint_every=2,
+                     log_every=2)
+    _train(config)
+    run = tmp_path / "run"
+    assert json.loads((run / "config.json").read_text()) == config.to_dict()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    for record in records:
+        assert set(record) == {"step", "d_loss", "d_real", "d_fake", "g_loss", "images_per_s"}
+        assert 0 < record["d_real"] < 1 and 0 < record["d_fake"] < 1 and record["images_per_s"] > 0
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000002.png", "step_000004.png"]
+    with Image.open(run / "samples" / "step_000004.png") as picture:
+        # Ten classes, one row of 8 each: 10 rows of 32x32 tiles with 2-pixel gaps, doubled.
+        assert picture.size == (2 * (8 * 34 + 2), 2 * (10 * 34 + 2))
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == 4
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    trainer = Trainer.create(_config("gan2d", tmp_path / "run", steps=8, checkpoint_every=2), progress=False)
+    d_loss = trainer.objective.d_loss
+
+    def poisoned(real, fake):
+        out = d_loss(real, fake)
+        return out._replace(loss=out.loss * math.nan) if trainer.step >= 4 else out
+
+    trainer.objective.d_loss = poisoned
+    with pytest.raises(NonFiniteLossError, match=r"step 5: non-finite d_loss=nan.*checkpoint.pt \(step 4\)"):
+        trainer.fit()
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["step"] == 4
+    assert all(torch.isfinite(t).all() for t in state["models"]["discriminator"].values())
+    # The failed update was not applied.
+    assert all(torch.isfinite(p).all() for p in trainer.models["discriminator"].parameters())
+
+
+@pytest.mark.parametrize("options", [
+    dict(loss="minimax"), dict(loss="least_squares"), dict(loss="hinge", spectral_norm=True),
+    dict(loss="non_saturating", label_smoothing=0.1, r1_gamma=0.5), dict(loss="wgan_gp", n_critic=3),
+    dict(ema=0.0),
+], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_gan2d_objectives_train(tmp_path, options):
+    trainer = _train(_config("gan2d", tmp_path / "run", steps=3, **options))
+    records = _metrics(tmp_path / "run")
+    assert all(math.isfinite(v) for r in records for v in r.values())
+    extra = {"gp"} if trainer.config.loss == "wgan_gp" else set()
+    extra |= {"r1"} if trainer.config.r1_gamma else set()
+    assert set(records[-1]) == {"step", "d_loss", "d_real", "d_fake", "g_loss"} | extra
+    assert ("generator_ema" in trainer.models) == (options.get("ema") != 0.0)
+
+
+def test_projection_cgan_samples_follow_labels(tmp_path, image_dir):
+    trainer = _train(_config("cgan", tmp_path / "run", steps=2, data_dir=image_dir))
+    config, models, step = load_run(tmp_path / "run")
+    assert step == 2 and config == trainer.config
+    labels = torch.tensor([3, 3, 7])
+    x = generate(config, models, 3, labels=labels, seed=5)
+    assert x.shape == (3, 1, 32, 32) and x.abs().max() <= 1
+    torch.testing.assert_close(generate(config, models, 3, labels=labels, seed=5), x)
+    with pytest.raises(ValueError, match="labels"):
+        generate(config, models, 3, labels=torch.tensor([0, 1, 10]))
+
+
+@pytest.mark.parametrize("model", ["ae", "vae"])
+def test_autoencoders_train_and_evaluate(tmp_path, image_dir, model):
+    trainer = _train(_config(model, tmp_path / "run", steps=30, data_dir=image_dir, sample_every=30))
+    losses = [r["loss"] for r in _metrics(tmp_path / "run")]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    config, models, _ = load_run(tmp_path / "run")
+    metrics = evaluate(config, models)
+    assert metrics["samples"] == 40 and metrics["mse"] > 0
+    assert ("elbo" in metrics) == (model == "vae")
+    if model == "vae":
+        assert metrics["elbo"] < 0 and generate(config, models, 4).shape == (4, 1, 28, 28)
+    else:
+        with pytest.raises(ValueError, match="auto-encoder"):
+            generate(config, models, 4)
+    assert (trainer.run_dir / "samples" / "step_000030.png").exists()
+
+
+def test_ema():
+    live, avg = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        live.weight.fill_(2.0)
+        live.running_mean.fill_(4.0)
+    live.num_batches_tracked.fill_(7)
+    EMA(avg, live).update(0.75)
+    torch.testing.assert_close(avg.weight, torch.full((3,), 1.25))  # 0.75 * 1 + 0.25 * 2
+    torch.testing.assert_close(avg.running_mean, torch.full((3,), 1.0))
+    assert avg.num_batches_tracked.item() == 7
+
+
+def test_resume_refuses_to_change_the_run(tmp_path):
+    _train(_config("gan2d", tmp_path / "run", steps=2))
+    with pytest.raises(ValueError, match="lr_g: cannot be changed when resuming"):
+        Trainer.resume(tmp_path / "run", lr_g=0.1)
+    corrupt = tmp_path / "bad" / "checkpoint.pt"
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError):
+        Trainer.resume(corrupt)
+
+
+@pytest.mark.parametrize("model,options,match", [
+    ("gan", dict(steps=-1), "steps"),
+    ("gan", dict(steps=0), "steps"),
+    ("gan", dict(image_size=28), "image_size"),
+    ("vae", dict(loss="hinge"), "loss: not an option of model 'vae'"),
+    ("gan", dict(loss="hinge", label_smoothing=0.1), "label_smoothing"),
+    ("gan", dict(ema=1.0), "ema"),
+    ("ae", dict(hidden=[0]), "hidden"),
+    ("gan3d", {}, "model"),
+])
+def test_config_errors_name_the_option(model, options, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig.resolve(model, **options)
+
+
+def test_missing_data_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Trainer.create(_config("gan", tmp_path / "run", data_dir=str(tmp_path / "nowhere")), progress=False)
