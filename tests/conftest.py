@@ -30,3 +30,13 @@ def device() -> torch.device:
     """Where kernel tests put their tensors: CUDA when there is one (compiled kernels), else the
     CPU (the Triton interpreter, which the root conftest switches on without CUDA)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train fastest on one thread, and CI's two cores are shared: with torch's
+    threads waiting on busy cores a 128x64 matmul can take tens of milliseconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,12 +19,7 @@ from fastgen.train.config import DEFAULTS
 FAST = ["--backend", "reference", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(capsys, *argv):

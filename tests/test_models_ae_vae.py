@@ -16,14 +16,7 @@ CONFIGS = [((1, 28, 28), "mlp"), ((1, 28, 28), "conv"), ((3, 32, 32), "mlp"), ((
            ((20,), "mlp"), ((3, 13, 9), "conv")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread trains them faster, and on a loaded machine OpenMP's
-    spinning threads can make a 128x64 matmul take tens of milliseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

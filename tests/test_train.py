@@ -14,13 +14,7 @@ from fastgen.train.checkpoint import CheckpointError, load_checkpoint
 from fastgen.train.trainer import EMA
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models run fastest on one thread, and the CI machine's two cores are shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
