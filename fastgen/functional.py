@@ -8,6 +8,8 @@ or the reference.
 
 from __future__ import annotations
 
+import importlib
+
 from typing import NamedTuple
 
 import torch
@@ -20,10 +22,10 @@ __all__ = ["bce_with_logits", "gan_d_loss", "gan_g_loss", "DLossOutput", "GLossO
            "reparameterize", "log_normal_diag"]
 
 
-def _kernels():
-    """The Triton kernels, imported on first use so that fastgen imports without triton."""
-    from fastgen.kernels import bce
-    return bce
+def _kernels(family: str):
+    """The kernel module ``fastgen.kernels.<family>``, imported on first use so that fastgen
+    imports without triton."""
+    return importlib.import_module(f"fastgen.kernels.{family}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,7 +79,7 @@ class _BCEWithLogits(torch.autograd.Function):
             target = torch.empty_like(logits, dtype=target.dtype).copy_(target)
         n_rows = logits.shape[0] if reduction == "per_sample" else 1
         scale = 1.0 / logits.numel() if reduction == "mean" else 1.0
-        loss, grad = _kernels().bce_forward(logits, target, n_rows, reduction == "none", scale)
+        loss, grad = _kernels("bce").bce_forward(logits, target, n_rows, reduction == "none", scale)
         ctx.reduction, ctx.scale, ctx.n_rows = reduction, scale, n_rows
         ctx.target_dtype = target.dtype
         # Only d/dtarget = -logits needs the logits; most targets are data without gradient.
@@ -93,7 +95,7 @@ class _BCEWithLogits(torch.autograd.Function):
                 grad_logits = grad * grad_output
         elif ctx.needs_input_grad[0]:
             n_cols = grad.numel() // ctx.n_rows
-            grad_logits = _kernels().scale_grad(grad, grad_output, ctx.n_rows, n_cols, ctx.scale, ctx.scale)
+            grad_logits = _kernels("bce").scale_grad(grad, grad_output, ctx.n_rows, n_cols, ctx.scale, ctx.scale)
         if ctx.needs_input_grad[1]:
             if ctx.reduction == "per_sample":
                 grad_output = grad_output.view(-1, *([1] * (logits.dim() - 1)))
@@ -144,7 +146,7 @@ class _GANLoss(torch.autograd.Function):
     def forward(ctx, real: Tensor | None, fake: Tensor, real_target: float, fake_target: float,
                 real_weight: float, fake_weight: float) -> tuple[Tensor, Tensor]:
         real_flat = None if real is None else real.contiguous()
-        loss, stats, grad = _kernels().gan_loss_forward(
+        loss, stats, grad = _kernels("bce").gan_loss_forward(
             real_flat, fake.contiguous(), real_target, fake_target, real_weight, fake_weight)
         ctx.save_for_backward(grad)
         ctx.real_shape = None if real is None else real.shape
@@ -157,7 +159,7 @@ class _GANLoss(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor, _grad_stats: Tensor):
         (grad,) = ctx.saved_tensors
         n_real = 0 if ctx.real_shape is None else ctx.real_shape.numel()
-        scaled = _kernels().scale_grad(grad, grad_loss, 1, n_real, *ctx.weights)
+        scaled = _kernels("bce").scale_grad(grad, grad_loss, 1, n_real, *ctx.weights)
         # Disjoint views of one buffer: the two gradients never write each other's elements.
         grad_real = None if ctx.real_shape is None else scaled[:n_real].view(ctx.real_shape)
         grad_fake = scaled[n_real:].view(ctx.fake_shape)
@@ -233,12 +235,6 @@ def gan_g_loss(fake_logits: Tensor, *, saturating: bool = False) -> GLossOutput:
 # copy them into the caller's buffers, outside autograd, as torch's batch_norm does in place.
 
 
-def _conv_kernels():
-    """The conv-BN-activation kernels, imported on first use (see _kernels)."""
-    from fastgen.kernels import conv_bn_act
-    return conv_bn_act
-
-
 class _ConvSpec(NamedTuple):
     stride: tuple[int, int]
     padding: tuple[int, int]
@@ -272,14 +268,14 @@ def _channels_last_out(x: Tensor) -> bool:
 def _affine_or_default(param: Tensor | None, fill: float, channels: int, like: Tensor) -> Tensor:
     if param is not None:
         return param
-    return torch.full((channels,), fill, dtype=_conv_kernels().acc_dtype(like.dtype), device=like.device)
+    return torch.full((channels,), fill, dtype=_kernels("conv_bn_act").acc_dtype(like.dtype), device=like.device)
 
 
 def _folded_coef(spec: _ConvSpec, gamma: Tensor | None, beta: Tensor | None,
                  running_mean: Tensor | None, running_var: Tensor | None, channels: int,
                  like: Tensor) -> Tensor:
     """Rows zscale, zshift, mean, rstd of z = y * zscale + zshift for the "eval" and "bias" modes."""
-    acc = _conv_kernels().acc_dtype(like.dtype)
+    acc = _kernels("conv_bn_act").acc_dtype(like.dtype)
     shift = _affine_or_default(beta, 0.0, channels, like).to(acc)
     if spec.mode == "bias":
         ones = torch.ones(channels, dtype=acc, device=like.device)
@@ -294,7 +290,7 @@ def _batch_stats(part: Tensor, spec: _ConvSpec, gamma: Tensor | None, beta: Tens
                  running_mean: Tensor | None, running_var: Tensor | None, like: Tensor) -> Tensor:
     """Batch statistics (bn_combine_stats rows) from per-tile partials."""
     channels = part.shape[2]
-    return _conv_kernels().bn_combine_stats(part, _affine_or_default(gamma, 1.0, channels, like),
+    return _kernels("conv_bn_act").bn_combine_stats(part, _affine_or_default(gamma, 1.0, channels, like),
                                             _affine_or_default(beta, 0.0, channels, like),
                                             running_mean, running_var, spec.momentum, spec.eps)
 
@@ -302,7 +298,7 @@ def _batch_stats(part: Tensor, spec: _ConvSpec, gamma: Tensor | None, beta: Tens
 def _param_grads(spec: _ConvSpec, coef: Tensor, gamma: Tensor | None, beta: Tensor | None,
                  needs: tuple[bool, bool]) -> tuple[Tensor | None, Tensor | None]:
     """(d gamma, d beta) from the gradient coefficients (beta is the bias in mode "bias")."""
-    dgamma, dbeta = _conv_kernels().param_grads(coef)
+    dgamma, dbeta = _kernels("conv_bn_act").param_grads(coef)
     return (dgamma.to(gamma.dtype) if needs[0] and spec.mode != "bias" else None,
             dbeta.to(beta.dtype) if needs[1] else None)
 
@@ -319,7 +315,7 @@ class _ConvBNAct(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, gamma: Tensor | None, beta: Tensor | None,
                 running_mean: Tensor | None, running_var: Tensor | None,
                 spec: _ConvSpec) -> tuple[Tensor, Tensor]:
-        kernels = _conv_kernels()
+        kernels = _kernels("conv_bn_act")
         x_nhwc = _nhwc(x)
         out_hw = _conv_out_hw(tuple(x.shape[2:]), tuple(weight.shape[2:]), spec.stride,
                               spec.padding, spec.output_padding, spec.transposed)
@@ -346,7 +342,7 @@ class _ConvBNAct(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # double backward raises, never wrong
     def backward(ctx, grad_out: Tensor, _grad_stats: Tensor):
-        kernels = _conv_kernels()
+        kernels = _kernels("conv_bn_act")
         spec = ctx.spec
         x_nhwc, weight, y, fwd_coef, gamma, beta = ctx.saved_tensors
         dout = _nhwc(grad_out.to(y.dtype))
@@ -372,7 +368,7 @@ class _BNAct(torch.autograd.Function):
     def forward(ctx, x: Tensor, gamma: Tensor | None, beta: Tensor | None,
                 running_mean: Tensor | None, running_var: Tensor | None,
                 spec: _ConvSpec) -> tuple[Tensor, Tensor]:
-        kernels = _conv_kernels()
+        kernels = _kernels("conv_bn_act")
         x_nhwc = _nhwc(x)
         if spec.mode == "train":
             stats = _batch_stats(kernels.bn_partial_stats(x_nhwc), spec, gamma, beta,
@@ -391,7 +387,7 @@ class _BNAct(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # double backward raises, never wrong
     def backward(ctx, grad_out: Tensor, _grad_stats: Tensor):
-        kernels = _conv_kernels()
+        kernels = _kernels("conv_bn_act")
         spec = ctx.spec
         x_nhwc, fwd_coef, gamma, beta = ctx.saved_tensors
         dout = _nhwc(grad_out.to(x_nhwc.dtype))
@@ -632,12 +628,6 @@ __all__ += ["conv_bn_act", "conv_bias_act", "bn_act"]
 # the two paths give different numbers from the same distribution.
 
 
-def _reparam_kernels():
-    """The reparameterization kernels, imported on first use (see _kernels)."""
-    from fastgen.kernels import reparam
-    return reparam
-
-
 # Philox keys stay below 2**63 (one kernel signature); the tag keeps fastgen's noise apart from
 # the streams torch's own CUDA random ops draw under the same generator seed.
 _PHILOX_KEY_TAG = 0x3C6E_F372_FE94_F82B
@@ -685,7 +675,7 @@ class _Reparameterize(torch.autograd.Function):
     def forward(ctx, mu: Tensor, logvar: Tensor, samples: int, seed: int, offset: int
                 ) -> tuple[Tensor, Tensor]:
         mu, logvar = mu.contiguous(), logvar.contiguous()
-        z, kl = _reparam_kernels().reparameterize_forward(mu, logvar, samples, seed, offset)
+        z, kl = _kernels("reparam").reparameterize_forward(mu, logvar, samples, seed, offset)
         ctx.save_for_backward(mu, logvar)
         ctx.samples, ctx.seed, ctx.offset = samples, seed, offset
         # An unused output gets None, not zeros: the kernel then skips that term (and the RNG).
@@ -697,7 +687,7 @@ class _Reparameterize(torch.autograd.Function):
         if grad_z is None and grad_kl is None:
             return None, None, None, None, None
         mu, logvar = ctx.saved_tensors
-        grad_mu, grad_logvar = _reparam_kernels().reparameterize_backward(
+        grad_mu, grad_logvar = _kernels("reparam").reparameterize_backward(
             mu, logvar, None if grad_z is None else grad_z.contiguous(),
             None if grad_kl is None else grad_kl.contiguous(), ctx.samples, ctx.seed, ctx.offset)
         return grad_mu, grad_logvar, None, None, None
@@ -737,7 +727,7 @@ def reparameterize(mu: Tensor, logvar: Tensor, *, samples: int = 1,
                              f"got one on {generator.device}")
 
     def fused() -> tuple[Tensor, Tensor]:
-        counters = _reparam_kernels().counters_used(samples, *mu.shape)
+        counters = _kernels("reparam").counters_used(samples, *mu.shape)
         seed, offset = _philox_seed_offset(generator, mu.device, counters)
         return _Reparameterize.apply(mu, logvar, samples, seed, offset)
 
@@ -755,12 +745,12 @@ class _LogNormalDiag(torch.autograd.Function):
         if mu is not None:
             mu, logvar = mu.contiguous(), logvar.contiguous()
         ctx.save_for_backward(z, mu, logvar)
-        return _reparam_kernels().log_normal_diag_forward(z, mu, logvar)
+        return _kernels("reparam").log_normal_diag_forward(z, mu, logvar)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         z, mu, logvar = ctx.saved_tensors
-        return _reparam_kernels().log_normal_diag_backward(
+        return _kernels("reparam").log_normal_diag_backward(
             z, mu, logvar, grad_out.contiguous(), ctx.needs_input_grad[0])
 
 

@@ -6,7 +6,8 @@ For a logit x and a target t in [0, 1], with e = exp(-|x|) in (0, 1]:
     dloss/dx   = sigmoid(x) - t,  sigmoid(x) = 1 / (1 + e) if x >= 0 else e / (1 + e)
 
 Nothing exponentiates a positive number, so loss and gradient are finite for any finite x
-(+-1e4 included). Math is float32 (float64 for float64 inputs, so gradcheck runs fused). The GAN losses are BCE with constant targets and signed weights:
+(+-1e4 included). Math is float32 (float64 for float64 inputs, so gradcheck runs fused).
+The GAN losses are BCE with constant targets and signed weights:
 
     D loss            = mean BCE(real, 1 - smoothing) + mean BCE(fake, 0)
     G non-saturating  = mean BCE(fake, 1)       (= -mean log D(G(z)))
@@ -27,15 +28,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import acc_dtype, tl_acc_dtype
+
 # A GAN loss sees one logit per sample (a few thousand at most): one program walks both inputs
 # in BLOCK-sized steps, so the loss, both gradients and the D(x) / D(G(z)) means come out of a
 # single launch with no second reduction.
 GAN_BLOCK = 1024
-
-
-def _acc_dtype(t: torch.Tensor) -> tl.dtype:
-    """Accumulation dtype: float32, or float64 for float64 inputs (so gradcheck can run fused)."""
-    return tl.float64 if t.dtype == torch.float64 else tl.float32
 
 
 def _block_and_warps(n_cols: int) -> tuple[int, int]:
@@ -165,8 +163,8 @@ def gan_loss_forward(real: torch.Tensor | None, fake: torch.Tensor, real_target:
     stats = torch.empty(2, dtype=torch.float32, device=fake.device)
     _gan_loss_fwd_kernel[(1,)](
         fake if real is None else real, fake, grad, loss, stats, n_real, n_fake,
-        real_target, fake_target, real_weight, fake_weight, BLOCK=GAN_BLOCK, ACC=_acc_dtype(fake),
-        num_warps=4)
+        real_target, fake_target, real_weight, fake_weight, BLOCK=GAN_BLOCK,
+        ACC=tl_acc_dtype(fake.dtype), num_warps=4)
     return loss, stats, grad
 
 
@@ -192,13 +190,13 @@ def bce_forward(logits: torch.Tensor, target: torch.Tensor, n_rows: int, element
     if elementwise:
         loss = torch.empty_like(logits)
         _bce_fwd_kernel[(n_rows * n_chunks,)](logits, target, grad, loss, n_cols, n_chunks,
-                                              BLOCK=block, ELEMENTWISE=True, ACC=_acc_dtype(logits),
-                                              num_warps=warps)
+                                              BLOCK=block, ELEMENTWISE=True,
+                                              ACC=tl_acc_dtype(logits.dtype), num_warps=warps)
         return loss, grad
-    partial = torch.empty((n_rows, n_chunks), device=logits.device,
-                          dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    _bce_fwd_kernel[(n_rows * n_chunks,)](logits, target, grad, partial, n_cols, n_chunks, BLOCK=block,
-                                          ELEMENTWISE=False, ACC=_acc_dtype(logits), num_warps=warps)
+    partial = torch.empty((n_rows, n_chunks), dtype=acc_dtype(logits.dtype), device=logits.device)
+    _bce_fwd_kernel[(n_rows * n_chunks,)](logits, target, grad, partial, n_cols, n_chunks,
+                                          BLOCK=block, ELEMENTWISE=False,
+                                          ACC=tl_acc_dtype(logits.dtype), num_warps=warps)
     loss = torch.empty(n_rows, dtype=logits.dtype, device=logits.device)
     _sum_rows_kernel[(n_rows,)](partial, loss, n_chunks, scale,
                                 BLOCK=min(1024, triton.next_power_of_2(n_chunks)), num_warps=4)
@@ -222,5 +220,6 @@ def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, n_rows: int, split
     out = torch.empty_like(grad)
     _scale_grad_kernel[(n_rows * n_chunks,)](grad, grad_output, out, n_cols, n_chunks,
                                              go_row_stride, split, weight_lo, weight_hi,
-                                             BLOCK=block, ACC=_acc_dtype(grad), num_warps=warps)
+                                             BLOCK=block, ACC=tl_acc_dtype(grad.dtype),
+                                             num_warps=warps)
     return out

@@ -60,6 +60,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import acc_dtype
+
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4}
 
 # Tile shapes, GPU and interpreter. Autotuning comes with the GPU benchmark; until then the GPU
@@ -473,11 +475,6 @@ def _bn_act_input_grad_kernel(dout_ptr, y_ptr, coef_ptr, dy_ptr, M, C, slope, AC
 
 def _blocks(device: torch.device) -> dict[str, int]:
     return GPU_BLOCKS if device.type == "cuda" else INTERPRETER_BLOCKS
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation and statistics dtype: float64 for float64 inputs (gradcheck), else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _tl_dtype(dtype: torch.dtype):

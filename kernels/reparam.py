@@ -51,6 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import tl_acc_dtype
+
 LOGVAR_MAX = 80.0
 LOG_2PI = math.log(2.0 * math.pi)
 # Widest column block; wider latents loop over D inside a program.
@@ -65,11 +67,6 @@ INTERPRETER_TILE = 2**16
 def counters_used(samples: int, n_rows: int, n_cols: int) -> int:
     """Philox counters one sampling call consumes: one 4-normal block per 4 columns of a row."""
     return samples * n_rows * triton.cdiv(n_cols, 4)
-
-
-def _acc_dtype(t: torch.Tensor) -> tl.dtype:
-    """Math dtype: float32, or float64 for float64 inputs (so gradcheck can run on the kernels)."""
-    return tl.float64 if t.dtype == torch.float64 else tl.float32
 
 
 def _tiles(t: torch.Tensor, n_rows: int, n_cols: int) -> tuple[int, int, int]:
@@ -265,7 +262,7 @@ def reparameterize_forward(mu: torch.Tensor, logvar: torch.Tensor, samples: int,
     block_b, block_d, warps = _tiles(mu, n_rows, n_cols)
     _reparam_fwd_kernel[(triton.cdiv(n_rows, block_b),)](
         mu, logvar, z, kl, n_rows, n_cols, samples, seed, offset, LOGVAR_MAX=LOGVAR_MAX,
-        BLOCK_B=block_b, BLOCK_D=block_d, ACC=_acc_dtype(mu), num_warps=warps)
+        BLOCK_B=block_b, BLOCK_D=block_d, ACC=tl_acc_dtype(mu.dtype), num_warps=warps)
     return z, kl
 
 
@@ -290,7 +287,7 @@ def reparameterize_backward(mu: torch.Tensor, logvar: torch.Tensor, grad_z: torc
         mu, logvar, mu if grad_z is None else grad_z, mu if grad_kl is None else grad_kl,
         grad_mu, grad_logvar, n_rows, n_cols, samples, seed, offset, LOGVAR_MAX=LOGVAR_MAX,
         HAS_GRAD_Z=grad_z is not None, HAS_GRAD_KL=grad_kl is not None,
-        BLOCK_B=block_b, BLOCK_D=block_d, ACC=_acc_dtype(mu), num_warps=warps)
+        BLOCK_B=block_b, BLOCK_D=block_d, ACC=tl_acc_dtype(mu.dtype), num_warps=warps)
     return grad_mu, grad_logvar
 
 
@@ -311,7 +308,7 @@ def log_normal_diag_forward(z: torch.Tensor, mu: torch.Tensor | None, logvar: to
     _log_normal_fwd_kernel[(triton.cdiv(n_rows, block_b),)](
         z, z if mu is None else mu, z if logvar is None else logvar, out, n_rows, n_cols, samples,
         LOG_2PI, LOGVAR_MAX=LOGVAR_MAX, HAS_PARAMS=mu is not None, BLOCK_B=block_b,
-        BLOCK_D=block_d, ACC=_acc_dtype(z), num_warps=warps)
+        BLOCK_D=block_d, ACC=tl_acc_dtype(z.dtype), num_warps=warps)
     return out
 
 
@@ -339,5 +336,5 @@ def log_normal_diag_backward(z: torch.Tensor, mu: torch.Tensor | None, logvar: t
         z if grad_z is None else grad_z, z if grad_mu is None else grad_mu,
         z if grad_logvar is None else grad_logvar, n_rows, n_cols, samples, LOGVAR_MAX=LOGVAR_MAX,
         HAS_PARAMS=mu is not None, WRITE_GRAD_Z=write_grad_z, BLOCK_B=block_b, BLOCK_D=block_d,
-        ACC=_acc_dtype(z), num_warps=warps)
+        ACC=tl_acc_dtype(z.dtype), num_warps=warps)
     return grad_z, grad_mu, grad_logvar
