@@ -56,21 +56,35 @@ fastgen.functional validates the inputs.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype
+from ._common import acc_dtype, tl_acc_dtype
+from ._tuning import TileConfig, TileTuner
 
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4}
 
-# Tile shapes, GPU and interpreter. Autotuning comes with the GPU benchmark; until then the GPU
-# uses one reasonable config. The interpreter pays per operation, not per element: large tiles
-# (few programs, few loop steps) keep the CPU tests fast.
-# WGRAD_PROGRAMS: the weight gradient splits its pixel reduction (into chunks of at least
-# 2 * BLOCK_M rows, summed in a fixed order) until about this many programs run.
-GPU_BLOCKS = {"M": 64, "N": 64, "K": 32, "ELEM_M": 64, "ELEM_C": 64, "WGRAD_PROGRAMS": 512}
-INTERPRETER_BLOCKS = {"M": 128, "N": 32, "K": 32, "ELEM_M": 128, "ELEM_C": 32, "WGRAD_PROGRAMS": 1}
+# GEMM tiles (kernels/_tuning.py): on CUDA the candidates that fit a shape are timed once and the
+# fastest kept; the first is the untimed default. The conv GEMM's (m, n, k) are (pixels, output
+# channels, input channels per tap); the weight gradient's (m, n, k) are (C_g, C_d, pixels).
+# The interpreter pays per operation, not per element: large tiles keep the CPU tests fast.
+GEMM_TUNER = TileTuner("conv_bn_act GEMM", [
+    TileConfig(128, 64, 32), TileConfig(64, 64, 32), TileConfig(64, 128, 32),
+    TileConfig(128, 128, 32, num_warps=8), TileConfig(128, 64, 64), TileConfig(128, 128, 64, num_warps=8),
+    TileConfig(256, 64, 32, num_warps=8), TileConfig(64, 32, 64, num_stages=4),
+], interpreter=TileConfig(128, 32, 32))
+WGRAD_TUNER = TileTuner("conv_bn_act weight gradient", [
+    TileConfig(64, 64, 32), TileConfig(128, 64, 32), TileConfig(64, 128, 32),
+    TileConfig(128, 128, 32, num_warps=8), TileConfig(64, 64, 64), TileConfig(128, 128, 64, num_warps=8),
+], interpreter=TileConfig(32, 32, 128))
+# The weight gradient splits its pixel reduction (into chunks of at least 2 * k rows, summed in a
+# fixed order) until about this many programs run (GPU, interpreter).
+WGRAD_PROGRAMS, INTERPRETER_WGRAD_PROGRAMS = 512, 1
+# Elementwise and statistics passes over (M, C) matrices: (rows, channels) per program.
+ELEMENTWISE_BLOCKS, INTERPRETER_ELEMENTWISE_BLOCKS = (64, 64), (128, 32)
 # Combine kernels: tiles merged per step, channels per program.
 COMBINE_T, COMBINE_C = 64, 32
 
@@ -473,12 +487,8 @@ def _bn_act_input_grad_kernel(dout_ptr, y_ptr, coef_ptr, dy_ptr, M, C, slope, AC
 # Host wrappers
 
 
-def _blocks(device: torch.device) -> dict[str, int]:
-    return GPU_BLOCKS if device.type == "cuda" else INTERPRETER_BLOCKS
-
-
-def _tl_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+def _elementwise_blocks(device: torch.device) -> tuple[int, int]:
+    return ELEMENTWISE_BLOCKS if device.type == "cuda" else INTERPRETER_ELEMENTWISE_BLOCKS
 
 
 def _precision(dtype: torch.dtype, device: torch.device) -> str:
@@ -521,30 +531,39 @@ def _conv_gemm(a: torch.Tensor, weight: torch.Tensor, out_hw: tuple[int, int],
     C_b = taps.shape[3]
     HO, WO = out_hw
     acc = acc_dtype(a.dtype)
-    blocks = _blocks(a.device)
-    block_n, block_k = _tile(C_b, blocks["N"]), _tile(C_a, blocks["K"])
+    precision = _precision(a.dtype, a.device)
     n_phases = stride[0] * stride[1] if transposed else 1
     phase_rows = N * (triton.cdiv(HO, stride[0]) * triton.cdiv(WO, stride[1]) if transposed else HO * WO)
-    grid = (triton.cdiv(phase_rows, blocks["M"]), triton.cdiv(C_b, block_n), n_phases)
-
     store_y = epilogue != AFFINE.value or store_pre
     y = torch.empty((N, HO, WO, C_b), dtype=a.dtype, device=a.device) if store_y else None
     out, out_strides = None, (0, 0, 0)
     if epilogue == AFFINE.value:
         out, out_strides = _activation_output(N, C_b, out_hw, a.dtype, a.device, channels_last)
-    part = (torch.empty((3, grid[0] * n_phases, C_b), dtype=acc, device=a.device)
-            if epilogue == STATS.value else None)
     dummy = a  # pointer arguments the chosen constexpr branches never touch
-    _conv_gemm_kernel[grid](
-        a, dummy if pre is None else pre, dummy if coef is None else coef, taps,
-        dummy if y is None else y, dummy if out is None else out,
-        dummy if coef is None else coef, dummy if part is None else part,
-        N, H, W, C_a, HO, WO, C_b, KH, KW, stride[0], stride[1], padding[0], padding[1],
-        *out_strides, negative_slope,
-        TRANSPOSED=transposed, BN_GRAD=pre is not None, EPILOGUE=epilogue, STORE_PRE=store_pre,
-        ACT=ACTIVATION_CODES[activation], ACC=_tl_dtype(acc),
-        PRECISION=_precision(a.dtype, a.device),
-        BLOCK_M=blocks["M"], BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+
+    def fit(config: TileConfig) -> TileConfig:
+        return dataclasses.replace(config, m=_tile(phase_rows, config.m), n=_tile(C_b, config.n),
+                                   k=_tile(C_a, config.k))
+
+    def launch(config: TileConfig) -> torch.Tensor | None:
+        grid = (triton.cdiv(phase_rows, config.m), triton.cdiv(C_b, config.n), n_phases)
+        part = (torch.empty((3, grid[0] * n_phases, C_b), dtype=acc, device=a.device)
+                if epilogue == STATS.value else None)
+        _conv_gemm_kernel[grid](
+            a, dummy if pre is None else pre, dummy if coef is None else coef, taps,
+            dummy if y is None else y, dummy if out is None else out,
+            dummy if coef is None else coef, dummy if part is None else part,
+            N, H, W, C_a, HO, WO, C_b, KH, KW, stride[0], stride[1], padding[0], padding[1],
+            *out_strides, negative_slope,
+            TRANSPOSED=transposed, BN_GRAD=pre is not None, EPILOGUE=epilogue, STORE_PRE=store_pre,
+            ACT=ACTIVATION_CODES[activation], ACC=tl_acc_dtype(acc), PRECISION=precision,
+            BLOCK_M=config.m, BLOCK_N=config.n, BLOCK_K=config.k, num_warps=config.num_warps,
+            num_stages=config.num_stages)
+        return part
+
+    key = (a.shape, out_hw, C_b, KH, KW, stride, padding, transposed, epilogue, pre is not None, store_pre,
+           a.dtype, precision)
+    part = GEMM_TUNER.run(key, a.device, fit, launch)
     return y, out, part
 
 
@@ -620,21 +639,31 @@ def conv_weight_grad(x: torch.Tensor, dout: torch.Tensor, y: torch.Tensor, coef:
     N, HG, WG, C_g = g.shape
     _, HD, WD, C_d = d.shape
     acc = acc_dtype(x.dtype)
-    blocks = _blocks(x.device)
-    block_g, block_d = _tile(C_g, blocks["N"]), _tile(C_d, blocks["N"])
-    tiles = KH * KW * triton.cdiv(C_g, block_g) * triton.cdiv(C_d, block_d)
+    precision = _precision(x.dtype, x.device)
     rows = N * HD * WD
-    split = max(1, min(triton.cdiv(blocks["WGRAD_PROGRAMS"], tiles), rows // (2 * blocks["M"])))
-    rows_per_split = triton.cdiv(triton.cdiv(rows, split), blocks["M"]) * blocks["M"]
-    split = triton.cdiv(rows, rows_per_split)
-    part = torch.empty((split, KH, KW, C_g, C_d), dtype=acc, device=x.device)
-    grid = (KH * KW * triton.cdiv(C_g, block_g), triton.cdiv(C_d, block_d), split)
-    _conv_wgrad_kernel[grid](
-        g, d, y, coef, part, N, HG, WG, C_g, HD, WD, C_d, KH, KW, stride[0], stride[1],
-        padding[0], padding[1], rows_per_split, negative_slope,
-        BN_GRAD_G=transposed, BN_GRAD_D=not transposed, ACT=ACTIVATION_CODES[activation],
-        ACC=_tl_dtype(acc), PRECISION=_precision(x.dtype, x.device),
-        BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_M=blocks["M"], num_warps=4)
+    target_programs = WGRAD_PROGRAMS if x.device.type == "cuda" else INTERPRETER_WGRAD_PROGRAMS
+
+    def fit(config: TileConfig) -> TileConfig:
+        return dataclasses.replace(config, m=_tile(C_g, config.m), n=_tile(C_d, config.n))
+
+    def launch(config: TileConfig) -> torch.Tensor:
+        tiles = KH * KW * triton.cdiv(C_g, config.m) * triton.cdiv(C_d, config.n)
+        split = max(1, min(triton.cdiv(target_programs, tiles), rows // (2 * config.k)))
+        rows_per_split = triton.cdiv(triton.cdiv(rows, split), config.k) * config.k
+        split = triton.cdiv(rows, rows_per_split)
+        part = torch.empty((split, KH, KW, C_g, C_d), dtype=acc, device=x.device)
+        grid = (KH * KW * triton.cdiv(C_g, config.m), triton.cdiv(C_d, config.n), split)
+        _conv_wgrad_kernel[grid](
+            g, d, y, coef, part, N, HG, WG, C_g, HD, WD, C_d, KH, KW, stride[0], stride[1],
+            padding[0], padding[1], rows_per_split, negative_slope,
+            BN_GRAD_G=transposed, BN_GRAD_D=not transposed, ACT=ACTIVATION_CODES[activation],
+            ACC=tl_acc_dtype(acc), PRECISION=precision, BLOCK_G=config.m, BLOCK_D=config.n,
+            BLOCK_M=config.k, num_warps=config.num_warps, num_stages=config.num_stages)
+        return part
+
+    key = (g.shape, d.shape, KH, KW, stride, padding, transposed, x.dtype, precision)
+    part = WGRAD_TUNER.run(key, x.device, fit, launch)
+    split = part.shape[0]
     # A fixed-order sum over the splits keeps the result deterministic.
     dw = part[0] if split == 1 else part.sum(0)
     # (KH, KW, C_g, C_d) -> (C_out, C_in, KH, KW) for a conv, (C_in, C_out, KH, KW) transposed
@@ -645,12 +674,12 @@ def bn_partial_stats(y: torch.Tensor) -> torch.Tensor:
     """Per-tile (count, mean, M2) of an NHWC tensor's channels: (3, n_tiles, C), for
     bn_combine_stats (BN without a conv)."""
     M, C = _pair_dims(y)
-    blocks = _blocks(y.device)
-    grid = (triton.cdiv(M, blocks["ELEM_M"]), triton.cdiv(C, blocks["ELEM_C"]))
+    block_m, block_c = _elementwise_blocks(y.device)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(C, block_c))
     acc = acc_dtype(y.dtype)
     part = torch.empty((3, grid[0], C), dtype=acc, device=y.device)
-    _bn_stats_kernel[grid](y, part, M, C, ACC=_tl_dtype(acc), BLOCK_M=blocks["ELEM_M"],
-                           BLOCK_C=blocks["ELEM_C"], num_warps=4)
+    _bn_stats_kernel[grid](y, part, M, C, ACC=tl_acc_dtype(acc), BLOCK_M=block_m,
+                           BLOCK_C=block_c, num_warps=4)
     return part
 
 
@@ -687,12 +716,12 @@ def bn_act_apply(y: torch.Tensor, coef: torch.Tensor, activation: str, negative_
     """
     N, H, W, C = y.shape
     M = N * H * W
-    blocks = _blocks(y.device)
+    block_m, block_c = _elementwise_blocks(y.device)
     out, out_strides = _activation_output(N, C, (H, W), y.dtype, y.device, channels_last)
-    grid = (triton.cdiv(M, blocks["ELEM_M"]), triton.cdiv(C, blocks["ELEM_C"]))
+    grid = (triton.cdiv(M, block_m), triton.cdiv(C, block_c))
     _bn_act_apply_kernel[grid](y, coef, out, M, C, H * W, *out_strides, negative_slope,
-                               ACT=ACTIVATION_CODES[activation], ACC=_tl_dtype(coef.dtype),
-                               BLOCK_M=blocks["ELEM_M"], BLOCK_C=blocks["ELEM_C"], num_warps=4)
+                               ACT=ACTIVATION_CODES[activation], ACC=tl_acc_dtype(coef.dtype),
+                               BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
     return out
 
 
@@ -711,13 +740,13 @@ def bn_act_grad_coef(dout: torch.Tensor, y: torch.Tensor, fwd_coef: torch.Tensor
         (0 unless training), dgamma, dbeta.
     """
     M, C = _pair_dims(y)
-    blocks = _blocks(y.device)
-    grid = (triton.cdiv(M, blocks["ELEM_M"]), triton.cdiv(C, blocks["ELEM_C"]))
+    block_m, block_c = _elementwise_blocks(y.device)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(C, block_c))
     part = torch.empty((2, grid[0], C), dtype=fwd_coef.dtype, device=y.device)
     _bn_act_grad_partials_kernel[grid](dout, y, fwd_coef, part, M, C, negative_slope,
                                        ACT=ACTIVATION_CODES[activation],
-                                       ACC=_tl_dtype(fwd_coef.dtype), BLOCK_M=blocks["ELEM_M"],
-                                       BLOCK_C=blocks["ELEM_C"], num_warps=4)
+                                       ACC=tl_acc_dtype(fwd_coef.dtype), BLOCK_M=block_m,
+                                       BLOCK_C=block_c, num_warps=4)
     coef = torch.empty((8, C), dtype=fwd_coef.dtype, device=y.device)
     _bn_grad_combine_kernel[(triton.cdiv(C, COMBINE_C),)](
         part, fwd_coef, coef, grid[0], C, 1.0 / M, TRAINING=training, BLOCK_T=COMBINE_T,
@@ -730,12 +759,12 @@ def bn_act_input_grad(dout: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, a
     """dL/dy of BN + activation (BN without a conv), NHWC, in dout's dtype; coef from
     bn_act_grad_coef."""
     M, C = _pair_dims(y)
-    blocks = _blocks(y.device)
+    block_m, block_c = _elementwise_blocks(y.device)
     dy = torch.empty_like(dout)
-    grid = (triton.cdiv(M, blocks["ELEM_M"]), triton.cdiv(C, blocks["ELEM_C"]))
+    grid = (triton.cdiv(M, block_m), triton.cdiv(C, block_c))
     _bn_act_input_grad_kernel[grid](dout, y, coef, dy, M, C, negative_slope,
-                                    ACT=ACTIVATION_CODES[activation], ACC=_tl_dtype(coef.dtype),
-                                    BLOCK_M=blocks["ELEM_M"], BLOCK_C=blocks["ELEM_C"],
+                                    ACT=ACTIVATION_CODES[activation], ACC=tl_acc_dtype(coef.dtype),
+                                    BLOCK_M=block_m, BLOCK_C=block_c,
                                     num_warps=4)
     return dy
 

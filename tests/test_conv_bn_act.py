@@ -415,7 +415,7 @@ def test_weight_grad_split_reduction(monkeypatch, transposed):
     """The GPU splits the weight gradient's pixel sum across programs: same result, any split."""
     case = _case(transposed, 3, 3, 5, 16 if not transposed else 14, 3, 1 if not transposed else 2, 1,
                  1 if transposed else 0, "relu")
-    monkeypatch.setitem(kernels.INTERPRETER_BLOCKS, "WGRAD_PROGRAMS", 1000)
+    monkeypatch.setattr(kernels, "INTERPRETER_WGRAD_PROGRAMS", 1000)
     fused, ref = run_both(case, training=True)
     assert rel_err(fused[4], ref[4]) < TOL
 
@@ -444,3 +444,57 @@ def test_autocast_casts_x_and_weight_like_conv2d():
                                 inp.gamma.double(), inp.beta.double(), None, None, **kw)
     assert out.dtype == torch.float16 and dx.dtype == torch.float32
     assert rel_err(out, ref) < 1e-2
+
+
+# Shapes where every candidate tile is a different split of rows, columns and reduction
+# (40 input and 70 output channels, 300 and 75 GEMM rows).
+TILING_CASES = [_case(False, 3, 40, 70, 10, 3, 1, 1, 0, "leaky_relu"),
+                _case(True, 3, 40, 70, 5, 4, 2, 1, 0, "relu")]
+
+
+def _force_config(monkeypatch, tuner, config):
+    """Make ``tuner`` run ``config`` alone (on CUDA: time it alone; in the interpreter: use it)."""
+    monkeypatch.setattr(tuner, "candidates", (config,))
+    monkeypatch.setattr(tuner, "interpreter", config)
+    monkeypatch.setattr(tuner, "chosen", {})
+
+
+@pytest.mark.parametrize("tuner_name, config", [
+    *(("GEMM_TUNER", c) for c in kernels.GEMM_TUNER.candidates),
+    *(("WGRAD_TUNER", c) for c in kernels.WGRAD_TUNER.candidates)], ids=str)
+@pytest.mark.parametrize("case", TILING_CASES, ids=_ids)
+def test_every_candidate_tile_is_correct(monkeypatch, tuner_name, config, case):
+    """The tuner may pick any candidate on a GPU: each one, forward and backward, against float64."""
+    _force_config(monkeypatch, getattr(kernels, tuner_name), config)
+    fused, ref = run_both(case, training=True)
+    for name, a, b in zip(NAMES, fused, ref):
+        assert rel_err(a, b) < TOL, name
+
+
+def test_no_tile_config_falls_back_to_the_reference(monkeypatch):
+    """When no block shape compiles for a shape, "auto" warns and runs the reference; "triton"
+    raises the tuner's error."""
+    from triton.runtime.errors import OutOfResources
+
+    from fastgen import backend
+    from fastgen.kernels import _tuning
+
+    def out_of_shared_memory(fn):
+        raise OutOfResources(300_000, 232_448, "shared memory")
+
+    monkeypatch.setattr(_tuning, "tuning_enabled", lambda device: True)
+    monkeypatch.setattr(kernels.GEMM_TUNER, "benchmark_ms", out_of_shared_memory)
+    monkeypatch.setattr(kernels.GEMM_TUNER, "chosen", {})
+    case = CASES[1]
+    inp = make_inputs(case)
+    with pytest.raises(_tuning.NoTileConfigError, match="conv_bn_act GEMM: no block shape"):
+        FF.conv_bn_act(*inp, **conv_kwargs(case, True))
+    backend.reset_failures()
+    try:
+        with fastgen.use_backend("auto"), pytest.warns(RuntimeWarning, match="NoTileConfigError"):
+            out = FF.conv_bn_act(*inp, **conv_kwargs(case, True))
+        assert "conv_bn_act" in backend.failed_ops()
+    finally:
+        backend.reset_failures()
+    ref = reference.conv_bn_act(*(t.detach() for t in inp), **conv_kwargs(case, True))
+    assert rel_err(out, ref) < TOL

@@ -1,0 +1,116 @@
+"""The block-shape tuner (kernels/_tuning.py): which config runs, timing once per key, configs that
+fail, and the policy switches. Timing is faked, so these run without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from triton.runtime.errors import OutOfResources
+
+from fastgen.kernels import _tuning
+from fastgen.kernels._tuning import NoTileConfigError, TileConfig, TileTuner
+
+CUDA = torch.device("cuda", 0)  # never touched: the launches below are fakes
+A, B, C = TileConfig(64, 64, 32), TileConfig(128, 64, 32), TileConfig(128, 128, 64, num_warps=8)
+INTERPRETER = TileConfig(128, 32, 32)
+
+
+class FakeTimer:
+    """Stands for triton.testing.do_bench: runs the launch once, returns a set time per config."""
+
+    def __init__(self, times: dict[TileConfig, float | Exception]) -> None:
+        self.times = times
+        self.timed: list[TileConfig] = []
+
+    def __call__(self, fn) -> float:
+        config = fn()
+        self.timed.append(config)
+        result = self.times[config]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+
+@pytest.fixture
+def tuning_on(monkeypatch):
+    monkeypatch.delenv("FASTGEN_AUTOTUNE", raising=False)
+    monkeypatch.setattr(_tuning, "tuning_enabled", lambda device: device.type == "cuda")
+
+
+class Launches(list):
+    """A fake launch: records the configs it ran with and returns the config as its output."""
+
+    def __call__(self, config: TileConfig) -> TileConfig:
+        self.append(config)
+        return config
+
+
+def make_tuner(times) -> tuple[TileTuner, FakeTimer, Launches]:
+    tuner = TileTuner("test kernel", [A, B, C], interpreter=INTERPRETER)
+    tuner.benchmark_ms = timer = FakeTimer(times)
+    return tuner, timer, Launches()
+
+
+def identity(config: TileConfig) -> TileConfig:
+    return config
+
+
+def test_the_fastest_config_runs_and_is_remembered(tuning_on):
+    tuner, timer, launch = make_tuner({A: 3.0, B: 1.0, C: 2.0})
+    assert tuner.run("shape", CUDA, identity, launch) == B
+    assert timer.timed == [A, B, C] and launch[-1] == B
+    assert tuner.run("shape", CUDA, identity, launch) == B
+    assert timer.timed == [A, B, C], "a known key is not timed again"
+    timer.times = {A: 0.5, B: 1.0, C: 2.0}
+    assert tuner.run("other shape", CUDA, identity, launch) == A
+    assert tuner.chosen == {(0, "shape"): B, (0, "other shape"): A}
+
+
+def test_configs_that_fit_alike_are_timed_once(tuning_on):
+    small = TileConfig(16, 16, 16)
+    tuner, timer, launch = make_tuner({small: 1.0})
+    assert tuner.run("k", CUDA, lambda c: small, launch) == small
+    assert timer.timed == [small]
+
+
+def test_a_config_that_fails_drops_out(tuning_on):
+    tuner, timer, launch = make_tuner({A: OutOfResources(300_000, 232_448, "shared memory"), B: 2.0, C: 1.5})
+    assert tuner.run("k", CUDA, identity, launch) == C
+
+
+def test_no_config_that_runs_is_a_clear_error(tuning_on):
+    tuner, _, launch = make_tuner({c: OutOfResources(300_000, 100_000, "shared memory") for c in (A, B, C)})
+    with pytest.raises(NoTileConfigError, match=r"test kernel: no block shape .* OutOfResources"):
+        tuner.run("k", CUDA, identity, launch)
+    assert tuner.chosen == {}
+
+
+def test_cpu_tensors_run_the_interpreter_config_untimed(tuning_on):
+    tuner, timer, launch = make_tuner({})
+    fit = lambda c: TileConfig(c.m, 16, c.k)  # noqa: E731
+    assert tuner.run("k", torch.device("cpu"), fit, launch) == TileConfig(128, 16, 32)
+    assert timer.timed == []
+
+
+@pytest.mark.parametrize("switch", ["env", "deterministic", "cudnn_deterministic"])
+def test_untimed_default_when_tuning_is_off(monkeypatch, switch):
+    """FASTGEN_AUTOTUNE=0 or PyTorch's deterministic modes: the first candidate, never timed, so
+    two processes pick the same config and repeat bit for bit."""
+    monkeypatch.delenv("FASTGEN_AUTOTUNE", raising=False)
+    if switch == "env":
+        monkeypatch.setenv("FASTGEN_AUTOTUNE", "0")
+    elif switch == "deterministic":
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    else:
+        monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    assert not _tuning.tuning_enabled(CUDA)
+    tuner, timer, launch = make_tuner({})
+    assert tuner.run("k", CUDA, identity, launch) == A
+    assert timer.timed == []
+
+
+def test_policy_defaults(monkeypatch):
+    monkeypatch.delenv("FASTGEN_AUTOTUNE", raising=False)
+    assert not _tuning.tuning_enabled(torch.device("cpu"))
+    if not torch.cuda.is_available():
+        assert _tuning.tuning_enabled(CUDA), "tuning is on by default for CUDA tensors"
