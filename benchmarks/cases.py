@@ -1,7 +1,9 @@
 """Benchmark cases shared by the pytest-benchmark suites and ``benchmarks/run.py``.
 
 A case is one op at one shape and dtype. Each implementation ("fastgen", "eager", "compile",
-"compile-max-autotune") is a *step*: forward and backward on the same inputs, returning the
+"compile-max-autotune", and for conv-BN layers "fastgen-cudnn-gemm": cuDNN's conv with fastgen's
+fused BN statistics and apply around it, the alternative DESIGN.md asks the dispatch to pick
+where it is measured faster) is a *step*: forward and backward on the same inputs, returning the
 loss and the input gradients, so every row does the work of a training step and every row can
 be checked against the float64 reference. Baselines are written the way a PyTorch user writes
 them, in their best dtype, never a strawman.
@@ -26,7 +28,7 @@ import fastgen.nn
 from fastgen import functional as F
 from fastgen import reference as R
 
-IMPLS = ("fastgen", "eager", "compile", "compile-max-autotune")
+IMPLS = ("fastgen", "fastgen-cudnn-gemm", "eager", "compile", "compile-max-autotune")
 COMPILE_MODES = {"compile": "default", "compile-max-autotune": "max-autotune"}
 
 Step = Callable[[], tuple[Tensor, ...]]
@@ -38,8 +40,8 @@ class Case:
     """One op at one shape.
 
     make_inputs(device) returns the inputs (leaves that require grad where the op has gradients);
-    fns maps "fastgen" and "eager" to a function of the inputs returning the op's output(s)
-    (compile rows compile the eager function); each step backpropagates ones into every output.
+    fns maps "fastgen", "eager" and optionally "fastgen-cudnn-gemm" to a function of the inputs
+    returning the op's output(s) (compile rows compile the eager function); each step backpropagates ones into every output.
     expected(inputs, outputs) gives the float64 values the step's outputs and input gradients
     should have (see :func:`reference_expected`; a random op derives them from its outputs).
     floor_bytes is the least traffic any implementation needs (read each input, write each
@@ -62,6 +64,11 @@ class Case:
     @property
     def group(self) -> str:
         return f"{self.family} {self.name}"
+
+    @property
+    def impls(self) -> tuple[str, ...]:
+        """The implementations this case has, in IMPLS order."""
+        return tuple(i for i in IMPLS if i in self.fns or i in COMPILE_MODES)
 
 
 def _as_tuple(outputs: Outputs) -> tuple[Tensor, ...]:
@@ -89,7 +96,7 @@ def make_step(case: Case, impl: str, inputs: tuple[Tensor, ...]) -> Step:
     """The step of ``impl`` on ``inputs``: (outputs..., input gradients...), or the outputs alone
     for a forward-only case."""
     fn = torch.compile(case.fns["eager"], mode=COMPILE_MODES[impl]) if impl in COMPILE_MODES else case.fns[impl]
-    backend = (lambda: fastgen.use_backend("triton")) if impl == "fastgen" else contextlib.nullcontext
+    backend = (lambda: fastgen.use_backend("triton")) if impl.startswith("fastgen") else contextlib.nullcontext
     if not case.backward:
         def forward() -> tuple[Tensor, ...]:
             with backend(), torch.no_grad():
@@ -256,6 +263,18 @@ def _layer_fn(functional, layer: tuple) -> Callable[..., Tensor]:
     return lambda x, w: functional.conv_bias_act(x, w, None, **kw)
 
 
+def _cudnn_gemm_layer_fn(layer: tuple) -> Callable[..., Tensor]:
+    """A conv-BN-act layer as torch's conv (cuDNN) followed by fastgen's fused bn_act."""
+    transposed, _, _, _, stride, padding, _, activation = layer
+    conv = TF.conv_transpose2d if transposed else TF.conv2d
+
+    def run(x: Tensor, w: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+        y = conv(x, w, stride=stride, padding=padding)
+        return F.bn_act(y, gamma, beta, None, None, activation=activation, negative_slope=0.2)
+
+    return run
+
+
 def _layer_geometry(layer: tuple, batch: int) -> tuple[int, int, int, int]:
     """(x, weight, y) element counts and the fwd GEMM FLOPs of one layer."""
     transposed, c_in, c_out, size, stride, padding, _, _ = layer
@@ -346,11 +365,14 @@ def conv_cases(smoke: bool = False) -> list[Case]:
                 affine = (torch.rand(c_out, device=device) + 0.5, torch.randn(c_out, device=device)) if bn else ()
                 return tuple(t.requires_grad_() for t in (x, w, *affine))
 
+            fns = {"fastgen": _layer_fn(F, layer), "eager": _layer_fn(R, layer)}
+            if bn:
+                fns["fastgen-cudnn-gemm"] = _cudnn_gemm_layer_fn(layer)
             for backward in (False, True):
                 cases.append(Case(
                     "conv_bn_act" if bn else "conv_bias_act",
                     f"DCGAN64 {name} B={batch} {str(dtype)[6:]} {'fwd+bwd' if backward else 'fwd'}",
-                    make_inputs, {"fastgen": _layer_fn(F, layer), "eager": _layer_fn(R, layer)},
+                    make_inputs, fns,
                     reference_expected(_layer_fn(R, layer)),
                     floor_bytes=item * ((3 * x_count + 3 * w_count + 2 * y_count) if backward
                                         else (x_count + w_count + y_count)),

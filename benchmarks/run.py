@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.cases import IMPLS, Case, all_cases, check, make_step  # noqa: E402
+from benchmarks.cases import COMPILE_MODES, IMPLS, Case, all_cases, check, make_step  # noqa: E402
 
 
 def _median_ms(fn, cuda: bool, cudagraph: bool = False) -> float:
@@ -99,7 +99,7 @@ def run_case(case: Case, impls: tuple[str, ...], device: torch.device, cuda: boo
     torch.manual_seed(0)
     inputs = case.make_inputs(device)
     rows = []
-    for impl in impls:
+    for impl in (i for i in impls if i in case.impls):
         row = {"family": case.family, "case": case.name, "impl": impl}
         try:
             step = make_step(case, impl, inputs)
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda and not args.smoke:
         parser.error("no CUDA device: run with --smoke to check the harness on the CPU")
     device = torch.device("cuda" if cuda else "cpu")
-    impls = IMPLS if cuda else ("fastgen", "eager")
+    impls = IMPLS if cuda else tuple(i for i in IMPLS if i not in COMPILE_MODES)
     import triton
 
     import fastgen

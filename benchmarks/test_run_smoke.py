@@ -18,3 +18,11 @@ def test_run_smoke_writes_json_and_markdown(tmp_path, capsys):
     assert all(r["ok"] and r["ms"] > 0 and r["max_rel_err"] < 1e-5 for r in rows)
     assert all(r["speedup_vs_eager"] > 0 for r in rows)
     assert "| gan_g_loss | B=64 fp32 | fastgen |" in md_file.read_text()
+
+
+def test_run_smoke_conv_layer_has_the_cudnn_gemm_row(tmp_path, capsys):
+    """A conv-BN layer is also timed as cuDNN's conv + fastgen's bn_act, checked like the others."""
+    assert run.main(["--smoke", "--out-dir", str(tmp_path), "--only", "conv_bn_act .* fwd\\+bwd"]) == 0
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["fastgen", "fastgen-cudnn-gemm", "eager"]
+    assert all(r["ok"] for r in rows)

@@ -85,8 +85,9 @@ WGRAD_TUNER = TileTuner("conv_bn_act weight gradient", [
 WGRAD_PROGRAMS, INTERPRETER_WGRAD_PROGRAMS = 512, 1
 # Elementwise and statistics passes over (M, C) matrices: (rows, channels) per program.
 ELEMENTWISE_BLOCKS, INTERPRETER_ELEMENTWISE_BLOCKS = (64, 64), (128, 32)
-# Combine kernels: tiles merged per step, channels per program.
-COMBINE_T, COMBINE_C = 64, 32
+# Combine kernels: tiles merged per step, channels per program. They walk thousands of tiles
+# for a few hundred channels: narrow channel blocks give more programs, fewer serial steps each.
+COMBINE_T, COMBINE_C = 128, 16
 
 # Kernels may read only tl.constexpr globals; host code uses their .value.
 # Coefficient rows (bn_combine_stats, bn_act_grad_coef): the first four are the forward's.
