@@ -93,6 +93,14 @@ def nvml_info() -> dict:
         pynvml.nvmlShutdown()
 
 
+def tuned_tiles() -> dict[str, dict[str, str]]:
+    """The block shapes the conv tuners chose in this run, per kernel and problem key."""
+    from fastgen.kernels import conv_bn_act
+
+    return {tuner.name: {str(key): str(config) for key, config in tuner.chosen.items()}
+            for tuner in (conv_bn_act.GEMM_TUNER, conv_bn_act.WGRAD_TUNER)}
+
+
 def run_case(case: Case, impls: tuple[str, ...], device: torch.device, cuda: bool,
              copy_gbs: float, matmul_tflops: float) -> list[dict]:
     """Time every implementation of ``case`` on the same inputs; one dict per row."""
@@ -213,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             report["rows"] += run_case(case, impls, device, cuda, report["copy_gbs"], report["matmul_tflops"])
             print(f"done: {case.group}", flush=True)
 
+    report["tuned_tiles"] = tuned_tiles()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{re.sub(r'[^A-Za-z0-9]+', '-', device_name).strip('-').lower()}-{date:%Y-%m-%d}"
     (args.out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2))
