@@ -209,6 +209,52 @@ def test_gpu_dcgan_layers(case, dtype, tol):
             assert torch.equal(a, c), (name, "not deterministic")
 
 
+@pytest.mark.parametrize("allow_tf32", [True, False])
+def test_tf32_exactly_when_cudnn_allows_it(monkeypatch, allow_tf32):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)
+    cuda = torch.device("cuda", 0)
+    assert kernels._precision(torch.float32, cuda) == ("tf32" if allow_tf32 else "ieee")
+    assert kernels._precision(torch.float16, cuda) == kernels._precision(torch.bfloat16, cuda) == "ieee"
+    assert kernels._precision(torch.float32, torch.device("cpu")) == "ieee"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", DCGAN_CASES[1::2], ids=_ids)
+def test_gpu_fp32_without_tf32_is_exact(monkeypatch, case):
+    """With TF32 off, fp32 on the GPU meets the fp32 bound of DESIGN.md."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    fused, ref = run_both(case, training=True, device="cuda")
+    for name, a, b in zip(NAMES, fused, ref):
+        assert rel_err(a, b) < 1e-4, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transposed", [False, True])
+def test_gpu_past_2_31_elements(transposed):
+    """Offsets past 2**31 elements (int64 indexing): x, the conv output and dL/dx each hold more
+    than 2**31 elements (bf16, ~4.3 GB each); the last sample, whose offsets overflow int32, is
+    checked against torch's conv on that sample alone, forward and input gradient."""
+    torch.manual_seed(0)
+    c_in, c_out, hw = 64, 64, 48
+    n = 2**31 // (c_in * hw * hw) + 2
+    conv = torch.nn.functional.conv_transpose2d if transposed else torch.nn.functional.conv2d
+    x = torch.randn(n, c_in, hw, hw, device="cuda", dtype=torch.bfloat16,
+                    memory_format=torch.channels_last).requires_grad_()
+    w = (torch.randn(c_in, c_out, 3, 3, device="cuda") * 0.05).to(torch.bfloat16).requires_grad_()
+    kw = dict(stride=1, padding=1, transposed=transposed, activation="tanh")
+    out = FF.conv_bias_act(x, w, None, **kw)
+    assert out.numel() > 2**31
+    grad = torch.zeros_like(out)
+    grad[-1] = torch.randn_like(out[-1])
+    dx, = torch.autograd.grad(out, x, grad)
+    last = x[-1:].detach().double().requires_grad_()
+    ref = torch.tanh(conv(last, w.detach().double(), stride=1, padding=1))
+    ref_dx, = torch.autograd.grad(ref, last, grad[-1:].double())
+    assert rel_err(out[-1:], ref) < 2e-2
+    assert rel_err(dx[-1:], ref_dx) < 2e-2
+    assert dx[:-1].abs().max().item() == 0.0
+
+
 def test_deterministic_bitwise():
     case = CASES[1]
     first, _ = run_both(case, training=True, seed=3)
