@@ -8,8 +8,8 @@ Conv as a GEMM with rows m = (n, oh, ow), columns co and reduction k = (r, s, ci
 
     y[m, co] = sum_k x[n, oh*S - P + r, ow*S - P + s, ci] * w[r, s, ci, co]   (x = 0 outside)
 
-A program owns a BLOCK_M x BLOCK_N tile of y; for each tap (r, s) it computes the gathered
-row offsets and masks once, then walks ci through contiguous memory in BLOCK_K steps.
+A program owns a BLOCK_M x BLOCK_N tile of y and walks the reduction in one loop over (tap (r, s),
+block of BLOCK_K contiguous channels ci): gathered rows of x, contiguous rows of w.
 
 ConvTranspose2d by phases: y[oh] = sum over taps r with oh = ih*S - P + r of x[ih] w[r], so
 output row oh only meets taps r = a (mod S) with a = (oh + P) mod S. Splitting the rows by that
@@ -252,22 +252,25 @@ def _conv_gemm_kernel(
     ks = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for th in range(0, taps_h):
+    # One flat loop over (tap, channel block), as Inductor's conv template: Triton pipelines the
+    # innermost loop only, and a tap has just a few channel blocks.
+    k_blocks = tl.cdiv(C_a, BLOCK_K)
+    for step in range(0, taps_h * taps_w * k_blocks):
+        tap = step // k_blocks
+        th = tap // taps_w
+        tw = tap - th * taps_w
         ih = jh * in_step_h + in_off_h + th * t_step_h
-        r = r0 + th * r_step
-        for tw in range(0, taps_w):
-            iw = jw * in_step_w + in_off_w + tw * t_step_w
-            a_row, a_ok = _gather_rows(n, ih, iw, H, W, C_a, row_ok)
-            w_tap = w_ptr + (r * KW + s0 + tw * s_step) * C_a * C_b
-            for c0 in range(0, C_a, BLOCK_K):
-                k = c0 + ks
-                k_ok = k < C_a
-                a = _load_operand(a_ptr, pre_ptr, coef_ptr, a_row[:, None] + k[None, :],
-                                  a_ok[:, None] & k_ok[None, :], k[None, :], k_ok[None, :], C_a,
-                                  slope, BN_GRAD, ACT, ACC)
-                w = tl.load(w_tap + k[:, None] * C_b + cols[None, :],
-                            mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        iw = jw * in_step_w + in_off_w + tw * t_step_w
+        a_row, a_ok = _gather_rows(n, ih, iw, H, W, C_a, row_ok)
+        w_tap = w_ptr + ((r0 + th * r_step) * KW + s0 + tw * s_step) * C_a * C_b
+        k = (step - tap * k_blocks) * BLOCK_K + ks
+        k_ok = k < C_a
+        a = _load_operand(a_ptr, pre_ptr, coef_ptr, a_row[:, None] + k[None, :],
+                          a_ok[:, None] & k_ok[None, :], k[None, :], k_ok[None, :], C_a,
+                          slope, BN_GRAD, ACT, ACC)
+        w = tl.load(w_tap + k[:, None] * C_b + cols[None, :],
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
 
     oh = o0_h + jh * out_step_h
     ow = o0_w + jw * out_step_w
