@@ -102,15 +102,22 @@ STORE, STATS, AFFINE = (tl.constexpr(i) for i in range(3))
 
 @triton.jit
 def _activate(z, slope, ACT: tl.constexpr):
-    """act(z) for ACT in ACTIVATION_CODES; tanh and sigmoid never exponentiate a positive number."""
+    """act(z) for ACT in ACTIVATION_CODES; tanh and sigmoid never exponentiate a positive number,
+    and keep their relative precision near 0."""
     out = z
     if ACT == 1:
         out = tl.maximum(z, 0.0)
     elif ACT == 2:
         out = tl.where(z > 0, z, z * slope)
     elif ACT == 3:
-        e = tl.exp(-2.0 * tl.abs(z))
-        t = (1.0 - e) / (1.0 + e)
+        # tanh|z| = (1 - e) / (1 + e), e = exp(-2|z|), cancels as z -> 0: below 1/4 the odd
+        # Taylor series, whose first omitted term is < 1e-11 of the value there.
+        a = tl.abs(z)
+        e = tl.exp(-2.0 * a)
+        z2 = z * z
+        series = a * (1.0 + z2 * (-1.0 / 3.0 + z2 * (2.0 / 15.0 + z2 * (-17.0 / 315.0 + z2 * (
+            62.0 / 2835.0 + z2 * (-1382.0 / 155925.0 + z2 * 21844.0 / 6081075.0))))))
+        t = tl.where(a < 0.25, series, (1.0 - e) / (1.0 + e))
         out = tl.where(z >= 0, t, -t)
     elif ACT == 4:
         e = tl.exp(-tl.abs(z))
