@@ -8,8 +8,9 @@ or the reference.
 
 from __future__ import annotations
 
+import functools
 import importlib
-
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -26,6 +27,23 @@ def _kernels(family: str):
     """The kernel module ``fastgen.kernels.<family>``, imported on first use so that fastgen
     imports without triton."""
     return importlib.import_module(f"fastgen.kernels.{family}")
+
+
+def _differentiable_once(op: str) -> Callable[[Callable], Callable]:
+    """Decorates the backward of a fused Function. Its gradients come from kernels and carry no
+    graph, so a backward with ``create_graph=True`` (a gradient penalty, a double backward) would
+    give gradients whose own derivatives are silently zero: it raises instead."""
+    def decorate(backward: Callable) -> Callable:
+        @functools.wraps(backward)
+        def first_order(ctx, *grads):
+            if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                raise RuntimeError(
+                    f"fastgen.{op}: the fused backward cannot be differentiated again "
+                    "(create_graph=True, e.g. a gradient penalty); run the pass it differentiates "
+                    "under fastgen.use_backend('reference')")
+            return backward(ctx, *grads)
+        return first_order
+    return decorate
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,6 +105,7 @@ class _BCEWithLogits(torch.autograd.Function):
         return loss.view(()) if reduction in ("mean", "sum") else loss
 
     @staticmethod
+    @_differentiable_once("bce_with_logits")
     def backward(ctx, grad_output: Tensor):
         grad, logits = ctx.saved_tensors
         grad_logits = grad_target = None
@@ -156,6 +175,7 @@ class _GANLoss(torch.autograd.Function):
         return loss, stats
 
     @staticmethod
+    @_differentiable_once("gan_d_loss / gan_g_loss")
     def backward(ctx, grad_loss: Tensor, _grad_stats: Tensor):
         (grad,) = ctx.saved_tensors
         n_real = 0 if ctx.real_shape is None else ctx.real_shape.numel()
@@ -340,7 +360,7 @@ class _ConvBNAct(torch.autograd.Function):
         return out, stats
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # double backward raises, never wrong
+    @_differentiable_once("conv_bn_act")
     def backward(ctx, grad_out: Tensor, _grad_stats: Tensor):
         kernels = _kernels("conv_bn_act")
         spec = ctx.spec
@@ -385,7 +405,7 @@ class _BNAct(torch.autograd.Function):
         return out, stats
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # double backward raises, never wrong
+    @_differentiable_once("bn_act")
     def backward(ctx, grad_out: Tensor, _grad_stats: Tensor):
         kernels = _kernels("conv_bn_act")
         spec = ctx.spec
@@ -683,6 +703,7 @@ class _Reparameterize(torch.autograd.Function):
         return z, kl
 
     @staticmethod
+    @_differentiable_once("reparameterize")
     def backward(ctx, grad_z: Tensor | None, grad_kl: Tensor | None):
         if grad_z is None and grad_kl is None:
             return None, None, None, None, None
@@ -748,6 +769,7 @@ class _LogNormalDiag(torch.autograd.Function):
         return _kernels("reparam").log_normal_diag_forward(z, mu, logvar)
 
     @staticmethod
+    @_differentiable_once("log_normal_diag")
     def backward(ctx, grad_out: Tensor):
         z, mu, logvar = ctx.saved_tensors
         return _kernels("reparam").log_normal_diag_backward(

@@ -138,6 +138,18 @@ def test_bce_backward_twice_with_retain_graph():
     assert torch.allclose(logits.grad, 2 * first)
 
 
+@pytest.mark.parametrize("op", ["bce_with_logits", "gan_d_loss", "gan_g_loss"])
+def test_double_backward_raises(op):
+    """The fused backward is not differentiable: create_graph=True is an error, never gradients
+    whose own derivatives are silently zero."""
+    logits = torch.randn(6, 10, requires_grad=True)
+    loss = {"bce_with_logits": lambda: F.bce_with_logits(logits, torch.rand(6, 10)),
+            "gan_d_loss": lambda: F.gan_d_loss(logits, logits * 2).loss,
+            "gan_g_loss": lambda: F.gan_g_loss(logits).loss}[op]()
+    with pytest.raises(RuntimeError, match=r"cannot be differentiated again"):
+        torch.autograd.grad(loss, logits, create_graph=True)
+
+
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum", "per_sample"])
 def test_bce_gradcheck_float64(reduction):
     logits = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)

@@ -249,6 +249,16 @@ def test_gradcheck_float64(samples):
         fast_mode=True)
 
 
+@pytest.mark.parametrize("op", ["reparameterize", "log_normal_diag"])
+def test_double_backward_raises(op):
+    """The fused backward is not differentiable: create_graph=True is an error, never gradients
+    whose own derivatives are silently zero."""
+    mu, logvar = _gaussian((5, 7))
+    out = F.reparameterize(mu, logvar)[0] if op == "reparameterize" else F.log_normal_diag(mu, mu * 0, logvar)
+    with pytest.raises(RuntimeError, match=r"cannot be differentiated again"):
+        torch.autograd.grad(out.sum(), mu, create_graph=True)
+
+
 def test_extreme_logvar_is_finite_and_clamped_at_80():
     logvar = torch.tensor([[-80.0, -40.0, 0.0, 40.0, 79.5, 80.0, 85.0, 1e4]], device=DEVICE).repeat(3, 1)
     mu = torch.randn_like(logvar).requires_grad_()
