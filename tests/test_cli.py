@@ -105,7 +105,9 @@ def test_sample_and_resume(tmp_path, capsys):
     assert code == 2 and "already at step 6" in err
 
 
-def test_sample_cgan_labels(tmp_path, capsys):
+def test_sample_cgan_labels(tmp_path, capsys, monkeypatch):
+    # `sample` has no --backend option: the environment keeps the DCGAN off the Triton interpreter.
+    monkeypatch.setenv("FASTGEN_BACKEND", "reference")
     # A cgan needs images: a tiny MNIST-style set.
     from fastgen.data import write_idx
     rng = np.random.default_rng(0)

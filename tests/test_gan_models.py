@@ -1,20 +1,35 @@
 """GAN models (DCGAN, conditional, MLP) and GAN objectives / regularizers."""
 
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+import fastgen
 from fastgen import reference
 from fastgen.models import (GAN_LOSSES, DCGANDiscriminator, DCGANGenerator, GANObjective, MLPDiscriminator,
                             MLPGenerator, gradient_penalty, r1_penalty)
 from fastgen.models.gan import _conv_block
+from fastgen.nn import ConvBNAct, ConvTransposeBNAct
+from tests.conftest import rel_err
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend():
+    """The DCGANs' fused layers run on the PyTorch reference here (the Triton interpreter is slow);
+    the backend tests below switch to Triton inside (the innermost use_backend wins)."""
+    with fastgen.use_backend("reference"):
+        yield
 
 
 @pytest.mark.parametrize("image_size,channels", [(32, 1), (32, 3), (64, 1), (64, 3)])
@@ -34,7 +49,9 @@ def test_dcgan_width_multiplier_and_layout():
     assert [block[0].out_channels for block in g.net] == [32, 16, 8, 1]
     d = DCGANDiscriminator(1, 64, width=8)
     assert [block[0].out_channels for block in d.body] == [8, 16, 32, 64]
-    # Every block is Sequential(conv, norm, act): state_dict keys keep indices 0 and 1.
+    # Every block is a fused Sequential(conv, BN, act) or (conv, act): conv and BN keep indices 0 and 1.
+    assert all(isinstance(block, ConvTransposeBNAct) for block in g.net)
+    assert all(isinstance(block, ConvBNAct) for block in [*d.body, d.out])
     keys = set(g.state_dict())
     assert {"net.0.0.weight", "net.0.1.weight", "net.0.1.running_mean", "net.3.0.weight", "net.3.0.bias"} <= keys
     assert "net.0.0.bias" not in keys  # BN follows: no conv bias
@@ -120,10 +137,187 @@ def test_spectral_norm_bounds_the_weights():
 
 def test_conv_block_structure():
     block = _conv_block(3, 5, 4, 2, 1, transposed=True, batch_norm=False, activation="tanh")
-    assert isinstance(block[0], torch.nn.ConvTranspose2d) and block[0].bias is not None
-    assert isinstance(block[1], torch.nn.Identity) and isinstance(block[2], torch.nn.Tanh)
+    assert isinstance(block, ConvTransposeBNAct) and block.activation == "tanh" and len(block) == 2
+    assert isinstance(block[0], nn.ConvTranspose2d) and block[0].bias is not None
+    assert isinstance(block[1], nn.Tanh)
+    block = _conv_block(3, 5, 4, 2, 1, activation="leaky_relu", spectral_norm=True)
+    assert isinstance(block, ConvBNAct) and (block.activation, block.negative_slope) == ("leaky_relu", 0.2)
+    assert isinstance(block[1], nn.BatchNorm2d) and block[0].bias is None
+    assert nn.utils.parametrize.is_parametrized(block[0], "weight")
     with pytest.raises(ValueError, match="activation"):
         _conv_block(3, 5, 4, 2, 1, activation="gelu")
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused layers: state_dict layout, Triton backend against the reference
+
+# The state_dict of the plain-PyTorch layout, Sequential(conv, BN or Identity, act) per block.
+G16_KEYS = ["embed.weight",
+            *(f"net.{i}.{key}" for i in (0, 1) for key in (
+                "0.weight", "1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked")),
+            "net.2.0.weight", "net.2.0.bias"]
+_SN = ("parametrizations.weight.original", "parametrizations.weight.0._u", "parametrizations.weight.0._v")
+D16_ACGAN_SN_KEYS = ["body.0.0.bias", *(f"body.0.0.{key}" for key in _SN),
+                     *(f"body.1.0.{key}" for key in _SN),
+                     *(f"body.1.1.{key}" for key in ("weight", "bias", "running_mean", "running_var",
+                                                     "num_batches_tracked")),
+                     "out.0.bias", *(f"out.0.{key}" for key in _SN), "aux.0.weight", "aux.0.bias"]
+
+
+def _plain_torch(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose fused blocks are nn.Sequential(conv, BN or Identity, act): the model
+    as it was written with PyTorch layers."""
+    twin = copy.deepcopy(model)
+    for parent in list(twin.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, (ConvBNAct, ConvTransposeBNAct)):
+                layers = list(child)
+                setattr(parent, name, nn.Sequential(layers[0], *layers[1:-1] or [nn.Identity()], layers[-1]))
+    return twin
+
+
+def test_state_dict_is_that_of_plain_torch_layers():
+    g = DCGANGenerator(8, 1, 16, width=2, num_classes=3)
+    d = DCGANDiscriminator(1, 16, width=2, num_classes=3, conditioning="acgan", spectral_norm=True)
+    z, labels, x = torch.randn(3, 8), torch.tensor([0, 2, 1]), torch.randn(3, 1, 16, 16)
+    for model, keys, inputs in ((g, G16_KEYS, (z, labels)), (d, D16_ACGAN_SN_KEYS, (x,))):
+        twin = _plain_torch(model)
+        assert list(model.state_dict()) == list(twin.state_dict()) == keys
+        # Either way into a model of other weights: then it computes what the source does.
+        other = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in other.parameters():
+                p.normal_()
+        fused, plain = copy.deepcopy(other), _plain_torch(other)
+        fused.load_state_dict(twin.state_dict())
+        plain.load_state_dict(model.state_dict())
+        for loaded, source in ((fused, twin), (plain, model)):
+            torch.testing.assert_close(loaded.eval()(*inputs), source.eval()(*inputs))
+
+
+@pytest.fixture
+def no_tf32(monkeypatch):
+    """fp32 convs in full precision on CUDA (both paths use TF32 when cuDNN may): a 1e-5 comparison."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+def _assert_close_tensors(name, fused, ref, tol):
+    assert (fused is None) == (ref is None), name
+    if fused is not None and fused.is_floating_point():
+        assert rel_err(fused, ref) < tol, name
+    elif fused is not None:
+        assert torch.equal(fused, ref), name
+
+
+def _assert_triton_matches_reference(model, call, inputs):
+    """``call(model, x)`` on copies of ``model`` on the Triton and on the reference backend: the same
+    outputs (training and eval mode) and, after a backward pass of one random projection, the same
+    input and parameter gradients and buffers (BN running statistics, spectral-norm vectors).
+
+    BN runs with momentum None: after the training pass the running statistics are that batch's, so
+    eval mode sees activations of a trained model's scale (with 0.1 they shrink towards 0 layer by
+    layer, and the comparison would measure the rounding of numbers near 0)."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+    results = {}
+    weights = None
+    for backend in ("triton", "reference"):
+        m = copy.deepcopy(model)
+        x = inputs.clone().requires_grad_()
+        with fastgen.use_backend(backend):
+            out = call(m, x)
+            if weights is None:
+                weights = torch.randn_like(out)
+            out.backward(weights)
+            with torch.no_grad():
+                evaluated = call(m.eval(), inputs)
+        results[backend] = {"out": out, "eval": evaluated, "x.grad": x.grad,
+                            **{f"{n}.grad": p.grad for n, p in m.named_parameters()}, **dict(m.named_buffers())}
+    assert results["triton"].keys() == results["reference"].keys()
+    for name, fused in results["triton"].items():
+        _assert_close_tensors(name, fused, results["reference"][name], 1e-5 if "grad" not in name else 1e-4)
+
+
+# image size, channels, classes, D's conditioning, spectral norm; width 2 and batch 2 or 3: the Triton side
+# runs in the CPU interpreter.
+BACKEND_CASES = {
+    "dcgan32": (32, 1, 0, "none", False),
+    "cgan16-rgb-projection": (16, 3, 3, "projection", False),
+    "acgan16-spectral-norm": (16, 1, 3, "acgan", True),
+}
+
+
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("case", BACKEND_CASES)
+def test_triton_backend_matches_the_reference(case, device):
+    size, channels, num_classes, conditioning, spectral_norm = BACKEND_CASES[case]
+    labels = torch.tensor([2, 0, 1], device=device) if num_classes else None
+    batch = 3 if num_classes else 2
+    if conditioning != "acgan":  # the ACGAN's generator is the projection case's
+        g = DCGANGenerator(8, channels, size, width=2, num_classes=num_classes).to(device)
+        _assert_triton_matches_reference(g, lambda m, z: m(z, labels), torch.randn(batch, 8, device=device))
+
+    def discriminate(m, x):
+        """Adversarial logits and the class logits (ACGAN) or the features, side by side."""
+        h = m.features(x)
+        return torch.cat([m.head(h, labels if conditioning == "projection" else None)[:, None],
+                          m.classify(h) if conditioning == "acgan" else h.flatten(1)], dim=1)
+
+    d = DCGANDiscriminator(channels, size, width=2, num_classes=num_classes, conditioning=conditioning,
+                           spectral_norm=spectral_norm).to(device)
+    _assert_triton_matches_reference(d, discriminate, torch.randn(batch, channels, size, size, device=device))
+
+
+@pytest.mark.usefixtures("no_tf32")
+def test_optimizer_steps_on_triton_match_the_reference(device):
+    """Two alternating Adam steps of a tiny DCGAN with the fused BCE loss: the same weights and BN
+    statistics on either backend."""
+    g0, d0 = DCGANGenerator(8, 1, 16, width=2).to(device), DCGANDiscriminator(1, 16, width=2).to(device)
+    real, z = torch.rand(2, 2, 1, 16, 16, device=device) * 2 - 1, torch.randn(2, 2, 8, device=device)
+    objective = GANObjective("non_saturating")
+    states = {}
+    for backend in ("triton", "reference"):
+        g, d = copy.deepcopy(g0), copy.deepcopy(d0)
+        opt_g = torch.optim.Adam(g.parameters(), 2e-4, betas=(0.5, 0.999))
+        opt_d = torch.optim.Adam(d.parameters(), 2e-4, betas=(0.5, 0.999))
+        with fastgen.use_backend(backend):
+            for step in range(2):
+                fake = g(z[step])
+                opt_d.zero_grad()
+                objective.d_loss(d(real[step]), d(fake.detach())).loss.backward()
+                opt_d.step()
+                opt_g.zero_grad()
+                objective.g_loss(d(fake)).loss.backward()
+                opt_g.step()
+        states[backend] = {**{f"g.{k}": v for k, v in g.state_dict().items()},
+                           **{f"d.{k}": v for k, v in d.state_dict().items()}}
+    for name, fused in states["triton"].items():
+        _assert_close_tensors(name, fused, states["reference"][name], 1e-4)
+
+
+def test_penalties_differentiate_a_fused_discriminator_twice(device):
+    """The fused Triton ops are differentiable once: gradient_penalty runs its critic on the reference,
+    and r1_penalty on outputs of the Triton path raises instead of adding nothing to D's gradient."""
+    d = DCGANDiscriminator(1, 16, width=2, batch_norm=False).to(device)
+    real, fake = torch.randn(2, 2, 1, 16, 16, device=device).unbind()
+    grads = {}
+    for backend in ("triton", "reference"):
+        critic = copy.deepcopy(d)
+        torch.manual_seed(1)
+        with fastgen.use_backend(backend):
+            gradient_penalty(critic, real, fake).backward()
+        grads[backend] = [p.grad for p in critic.parameters()]
+    for fused, ref in zip(grads["triton"], grads["reference"]):
+        torch.testing.assert_close(fused, ref, rtol=0, atol=0)
+    real.requires_grad_(True)
+    with fastgen.use_backend("triton"):
+        outputs = d(real)
+    with pytest.raises(RuntimeError, match=r"fastgen.conv_bn_act: .*use_backend\('reference'\)"):
+        r1_penalty(outputs, real)
+    with fastgen.use_backend("reference"):
+        r1_penalty(d(real), real).backward()
+    assert d.body[0][0].weight.grad.abs().sum() > 0
 
 
 def test_mlp_models():

@@ -14,8 +14,10 @@ Class-conditional variants:
 - discriminator ``conditioning="acgan"`` (Odena et al., 2017): an auxiliary head classifies the
   image; the adversarial logit does not see the label.
 
-Every conv layer is built by :func:`_conv_block`, the one place that chooses the layer
-implementation (PyTorch layers today, fastgen's fused conv-BN-activation modules later).
+Every conv layer is built by :func:`_conv_block` as fastgen's fused conv-BN-activation module
+(:class:`fastgen.nn.ConvBNAct` / :class:`~fastgen.nn.ConvTransposeBNAct`): the Triton kernels on
+CUDA, the PyTorch reference elsewhere, as :func:`fastgen.use_backend` picks, with the state_dict
+of ``nn.Sequential(conv, bn, act)``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import math
 
 import torch
 from torch import Tensor, nn
+
+from fastgen.nn import ConvBNAct, ConvTransposeBNAct
 
 __all__ = ["DCGANGenerator", "DCGANDiscriminator", "MLPGenerator", "MLPDiscriminator",
            "CONDITIONINGS", "init_dcgan_weights"]
@@ -37,11 +41,7 @@ def _activation(name: str) -> nn.Module:
         return nn.ReLU()
     if name == "leaky_relu":
         return nn.LeakyReLU(_LEAKY_SLOPE)
-    if name == "tanh":
-        return nn.Tanh()
-    if name == "identity":
-        return nn.Identity()
-    raise ValueError(f"activation: expected relu, leaky_relu, tanh or identity, got {name!r}")
+    raise ValueError(f"activation: expected relu or leaky_relu, got {name!r}")
 
 
 def _spectral(layer: nn.Module, enabled: bool) -> nn.Module:
@@ -50,16 +50,20 @@ def _spectral(layer: nn.Module, enabled: bool) -> nn.Module:
 
 def _conv_block(in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int, *,
                 transposed: bool = False, batch_norm: bool = True, activation: str = "relu",
-                spectral_norm: bool = False) -> nn.Sequential:
-    """Conv2d or ConvTranspose2d, BatchNorm2d (or identity), activation: ``Sequential`` indices 0, 1, 2.
+                spectral_norm: bool = False) -> ConvBNAct | ConvTransposeBNAct:
+    """Conv2d or ConvTranspose2d, BatchNorm2d, activation as one fused module: children 0 (conv),
+    1 (BN) and 2 (activation), or 0 and 1 without BN; the activations own no tensors, so the
+    state_dict keys are those of ``nn.Sequential(conv, bn or nn.Identity(), act)``.
 
-    The conv has a bias only without BN (BN's shift makes it redundant). The fixed indices keep
-    state_dict keys the same whichever layers implement the block.
+    The conv has a bias only without BN (BN's shift makes it redundant). Spectral norm
+    parametrizes the conv in place: the fused forward reads its normalized weight.
     """
-    conv_type = nn.ConvTranspose2d if transposed else nn.Conv2d
-    conv = conv_type(in_channels, out_channels, kernel_size, stride, padding, bias=not batch_norm)
-    norm = nn.BatchNorm2d(out_channels) if batch_norm else nn.Identity()
-    return nn.Sequential(_spectral(conv, spectral_norm), norm, _activation(activation))
+    block_type = ConvTransposeBNAct if transposed else ConvBNAct
+    block = block_type(in_channels, out_channels, kernel_size, stride, padding, batch_norm=batch_norm,
+                       activation=activation, negative_slope=_LEAKY_SLOPE)
+    if spectral_norm:
+        nn.utils.parametrizations.spectral_norm(block[0])  # in place: block[0] stays the conv
+    return block
 
 
 def init_dcgan_weights(module: nn.Module) -> None:

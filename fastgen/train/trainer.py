@@ -15,6 +15,7 @@ bit for bit. On CUDA, bf16 autocast (``amp``) runs the forward passes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -323,7 +324,9 @@ class GANTrainer(Trainer):
         if cfg.r1_gamma:
             real.requires_grad_(True)
         with self._autocast():
-            real_logits, real_classes = self._discriminate(real, labels)
+            # R1 differentiates the real pass twice; fastgen's fused Triton ops are differentiable once.
+            with use_backend("reference") if cfg.r1_gamma else contextlib.nullcontext():
+                real_logits, real_classes = self._discriminate(real, labels)
             fake_logits, fake_classes = self._discriminate(fake, labels)
             out = self.objective.d_loss(real_logits, fake_logits)
             loss = out.loss
