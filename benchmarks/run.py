@@ -93,12 +93,14 @@ def nvml_info() -> dict:
         pynvml.nvmlShutdown()
 
 
-def tuned_tiles() -> dict[str, dict[str, str]]:
-    """The block shapes the conv tuners chose in this run, per kernel and problem key."""
+def tuned_choices() -> dict[str, dict[str, str]]:
+    """What the tuners chose in this run (conv implementation, block shapes), per problem key."""
+    from fastgen import functional
     from fastgen.kernels import conv_bn_act
 
-    return {tuner.name: {str(key): str(config) for key, config in tuner.chosen.items()}
-            for tuner in (conv_bn_act.GEMM_TUNER, conv_bn_act.WGRAD_TUNER)}
+    tuners = (functional.CONV_IMPLEMENTATION_TUNER, conv_bn_act.GEMM_TUNER, conv_bn_act.WGRAD_TUNER)
+    return {tuner.name: {str(key): str(choice) for key, choice in tuner.chosen.items()}
+            for tuner in tuners}
 
 
 def run_case(case: Case, impls: tuple[str, ...], device: torch.device, cuda: bool,
@@ -184,6 +186,11 @@ def markdown(report: dict) -> str:
             f"{_fmt(r.get('traffic_pct_of_copy'), '.0f')} | {_fmt(r.get('tflops'), '.1f')} | "
             f"{_fmt(r.get('tflops_pct_of_matmul'), '.0f')} | {_fmt(r.get('peak_extra_mib'), '.1f')} | "
             f"{r['max_rel_err']:.1e} | {'yes' if r['ok'] else 'NO'} |")
+    chosen = report.get("tuned", {}).get("conv_bn_act implementation", {})
+    if chosen:
+        lines.append("\nThe fastgen rows' conv layers ran, per shape, the implementation timed "
+                     "faster (fused kernels, or cuDNN's conv with the fused BN passes):\n")
+        lines += [f"- {choice}: `{key}`" for key, choice in chosen.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -221,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             report["rows"] += run_case(case, impls, device, cuda, report["copy_gbs"], report["matmul_tflops"])
             print(f"done: {case.group}", flush=True)
 
-    report["tuned_tiles"] = tuned_tiles()
+    report["tuned"] = tuned_choices()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{re.sub(r'[^A-Za-z0-9]+', '-', device_name).strip('-').lower()}-{date:%Y-%m-%d}"
     (args.out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2))

@@ -11,7 +11,8 @@ def test_run_smoke_writes_json_and_markdown(tmp_path, capsys):
     (md_file,) = tmp_path.glob("*.md")
     report = json.loads(json_file.read_text())
     assert report["smoke"] and report["copy_gbs"] > 0 and report["matmul_tflops"] > 0
-    assert report["tuned_tiles"].keys() == {"conv_bn_act GEMM", "conv_bn_act weight gradient"}
+    assert report["tuned"].keys() == {"conv_bn_act implementation", "conv_bn_act GEMM",
+                                      "conv_bn_act weight gradient"}
     assert {"torch", "triton", "device", "python"} <= report["environment"].keys()
     rows = report["rows"]
     assert {(r["family"], r["impl"]) for r in rows} == {

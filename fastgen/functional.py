@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from fastgen import backend, reference
+from fastgen.kernels._tuning import Tuner
 from fastgen.reference import REDUCTIONS, DLossOutput, GLossOutput
 
 __all__ = ["bce_with_logits", "gan_d_loss", "gan_g_loss", "DLossOutput", "GLossOutput",
@@ -532,6 +533,67 @@ def _autocast_conv_inputs(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     return x, weight
 
 
+# Which implementation a conv layer runs on the Triton backend:
+# - "fused": the implicit-GEMM kernels (_ConvBNAct);
+# - "cudnn-gemm": torch's conv (cuDNN), then fastgen's fused BN statistics and apply (_BNAct);
+#   without BN, torch's conv with its bias and the activation, i.e. the reference.
+# Triton GEMMs can lose to cuDNN's at some shapes (DESIGN.md). So on CUDA both are timed once per
+# shape (forward, and backward when gradients are needed) and the faster runs. The policy is
+# kernels/_tuning.py's: FASTGEN_AUTOTUNE=0 or deterministic mode keep "fused".
+CONV_IMPLEMENTATIONS = ("fused", "cudnn-gemm")
+CONV_IMPLEMENTATION_TUNER: Tuner[str] = Tuner("conv_bn_act implementation", CONV_IMPLEMENTATIONS,
+                                              interpreter="fused")
+
+
+def _conv_fused(x: Tensor, weight: Tensor, gamma: Tensor | None, beta: Tensor | None,
+                running_mean: Tensor | None, running_var: Tensor | None, spec: _ConvSpec) -> Tensor:
+    return _apply_fused(_ConvBNAct, running_mean, running_var, x, weight, gamma, beta, running_mean,
+                        running_var, spec)
+
+
+def _conv_cudnn_gemm(x: Tensor, weight: Tensor, gamma: Tensor | None, beta: Tensor | None,
+                     running_mean: Tensor | None, running_var: Tensor | None,
+                     spec: _ConvSpec) -> Tensor:
+    bias = beta if spec.mode == "bias" else None
+    if spec.transposed:
+        y = torch.nn.functional.conv_transpose2d(x, weight, bias, spec.stride, spec.padding,
+                                                 spec.output_padding)
+    else:
+        y = torch.nn.functional.conv2d(x, weight, bias, spec.stride, spec.padding)
+    if spec.mode == "bias":
+        return reference.activate(y, spec.activation, spec.negative_slope)
+    return _apply_fused(_BNAct, running_mean, running_var, y, gamma, beta, running_mean,
+                        running_var, spec)
+
+
+_CONV_IMPLEMENTATION_FNS = {"fused": _conv_fused, "cudnn-gemm": _conv_cudnn_gemm}
+
+
+@torch.compiler.disable
+def _conv_triton(x: Tensor, weight: Tensor, gamma: Tensor | None, beta: Tensor | None,
+                 running_mean: Tensor | None, running_var: Tensor | None, spec: _ConvSpec) -> Tensor:
+    """The Triton backend's conv layer: the implementation chosen for this shape."""
+    params = (x, weight, gamma, beta)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
+    # momentum and eps change no cost (and momentum=None changes every step): not in the key
+    key = (tuple(x.shape), tuple(weight.shape), x.dtype, _channels_last_out(x), needs_grad,
+           spec._replace(momentum=0.0, eps=0.0), torch.backends.cudnn.allow_tf32)
+
+    def trial(implementation: str) -> None:
+        """One step on detached copies; no running-statistics update."""
+        leaves = [None if t is None else t.detach().requires_grad_(t.requires_grad) for t in params]
+        stats = (running_mean, running_var) if spec.mode == "eval" else (None, None)
+        with torch.set_grad_enabled(needs_grad):
+            out = _CONV_IMPLEMENTATION_FNS[implementation](*leaves, *stats, spec)
+            if needs_grad:
+                torch.autograd.grad(out, [t for t in leaves if t is not None and t.requires_grad],
+                                    out.detach())
+
+    implementation = CONV_IMPLEMENTATION_TUNER.choose(key, x.device, lambda c: c, trial)
+    return _CONV_IMPLEMENTATION_FNS[implementation](x, weight, gamma, beta, running_mean,
+                                                    running_var, spec)
+
+
 def conv_bn_act(x: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
                 running_mean: Tensor | None, running_var: Tensor | None, *,
                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
@@ -544,7 +606,9 @@ def conv_bn_act(x: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias: Te
     bias=False), nn.BatchNorm2d(C_out), act)``; in training mode ``running_mean``/``running_var``
     are updated in place (momentum, unbiased variance) as torch does. Training: an implicit-GEMM
     conv storing the pre-BN output and per-tile statistics, a deterministic combine, one
-    normalize + activate pass. Eval: one launch, BN folded into the conv's epilogue.
+    normalize + activate pass. Eval: one launch, BN folded into the conv's epilogue. On CUDA,
+    where cuDNN's conv with the fused BN passes around it is timed faster for a shape, that runs
+    instead (``CONV_IMPLEMENTATIONS``; ``FASTGEN_AUTOTUNE=0`` keeps the fused kernels).
 
     Args:
         x: ``(N, C_in, H, W)``, float32 / float16 / bfloat16 (float64 runs too), any memory format.
@@ -571,8 +635,7 @@ def conv_bn_act(x: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias: Te
 
     return backend.dispatch(
         "conv_bn_act", (x, weight),
-        lambda: _apply_fused(_ConvBNAct, running_mean, running_var, x, weight, bn_weight, bn_bias,
-                             running_mean, running_var, spec),
+        lambda: _conv_triton(x, weight, bn_weight, bn_bias, running_mean, running_var, spec),
         lambda: reference.conv_bn_act(
             x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
             padding=padding, output_padding=output_padding, transposed=transposed,
@@ -602,7 +665,7 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor | None, *,
     spec = spec._replace(mode="bias", activation=activation, negative_slope=float(negative_slope))
     return backend.dispatch(
         "conv_bias_act", (x, weight),
-        lambda: _apply_fused(_ConvBNAct, None, None, x, weight, None, bias, None, None, spec),
+        lambda: _conv_triton(x, weight, None, bias, None, None, spec),
         lambda: reference.conv_bias_act(x, weight, bias, stride=stride, padding=padding,
                                         output_padding=output_padding, transposed=transposed,
                                         activation=activation, negative_slope=negative_slope))

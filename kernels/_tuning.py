@@ -1,21 +1,23 @@
-"""Block shapes for the GEMM kernels, chosen per problem shape by timing the real launch.
+"""Choices made per problem shape by timing the real launch: GEMM block shapes, and which
+implementation of an op runs.
 
-Triton's ``@triton.autotune`` cannot serve these kernels: the number of row tiles, and with it
-the per-tile statistics buffer the host allocates before the launch, depends on the block shape.
-A :class:`TileTuner` instead receives the whole host-side launch as a function of a
-:class:`TileConfig`, times it once for every candidate that fits the shape, keeps the fastest
-per key (shape, dtype, kernel variant) for the rest of the process, and runs it.
+Triton's ``@triton.autotune`` cannot serve the conv kernels: the number of row tiles, and with
+it the per-tile statistics buffer the host allocates before the launch, depends on the block
+shape. A :class:`Tuner` instead receives the whole host-side launch as a function of a
+candidate (a :class:`TileConfig`, or any hashable, e.g. an implementation's name), times it once
+for every candidate that fits the shape, and keeps the fastest per key (shape, dtype, kernel
+variant) for the rest of the process.
 
 Policy (:func:`tuning_enabled`):
 
-- the interpreter (CPU tensors) runs the tuner's ``interpreter`` config;
+- the interpreter (CPU tensors) runs the tuner's ``interpreter`` candidate;
 - on CUDA the candidates are timed, unless ``FASTGEN_AUTOTUNE=0``, PyTorch's deterministic
   mode (``torch.use_deterministic_algorithms`` or ``torch.backends.cudnn.deterministic``) is
   on, or a CUDA graph is being captured; then the first candidate that fits runs untimed. Every
   config is deterministic on its own, but two configs sum in different orders: timing may pick
   different configs in two processes, as ``cudnn.benchmark`` may pick different algorithms;
 - a candidate that fails to compile or launch (shared memory, registers) drops out; when all
-  fail, :class:`NoTileConfigError` is raised, which the backend's "auto" rule turns into the
+  fail, :class:`NoCandidateError` is raised, which the backend's "auto" rule turns into the
   reference path.
 """
 
@@ -25,11 +27,12 @@ import dataclasses
 import functools
 import os
 from collections.abc import Callable, Hashable, Sequence
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import torch
 
 T = TypeVar("T")
+C = TypeVar("C", bound=Hashable)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +46,8 @@ class TileConfig:
     num_stages: int = 3
 
 
-class NoTileConfigError(RuntimeError):
-    """No candidate block shape compiles and runs for this problem."""
+class NoCandidateError(RuntimeError):
+    """No candidate compiles and runs for this problem."""
 
 
 def tuning_enabled(device: torch.device) -> bool:
@@ -62,52 +65,56 @@ def _benchmark_ms(fn: Callable[[], object]) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
 
 
-class TileTuner:
-    """Chooses and remembers a :class:`TileConfig` per key for one kernel.
+class Tuner(Generic[C]):
+    """Chooses and remembers a candidate per key for one kernel or op.
 
     Args:
-        name: the kernel's name, for error messages.
-        candidates: configs to time on CUDA, the untimed default first.
-        interpreter: the config for CPU tensors (the Triton interpreter), fitted like the others.
+        name: the kernel's or op's name, for error messages.
+        candidates: what to time on CUDA, the untimed default first.
+        interpreter: the candidate for CPU tensors (the Triton interpreter), fitted like the others.
     """
 
-    def __init__(self, name: str, candidates: Sequence[TileConfig], interpreter: TileConfig) -> None:
+    def __init__(self, name: str, candidates: Sequence[C], interpreter: C) -> None:
         self.name = name
         self.candidates = tuple(candidates)
         self.interpreter = interpreter
-        self.chosen: dict[Hashable, TileConfig] = {}
+        self.chosen: dict[Hashable, C] = {}
         self.benchmark_ms: Callable[[Callable[[], object]], float] = _benchmark_ms
 
-    def run(self, key: Hashable, device: torch.device, fit: Callable[[TileConfig], TileConfig],
-            launch: Callable[[TileConfig], T]) -> T:
-        """``launch(config)`` with this key's config.
+    def choose(self, key: Hashable, device: torch.device, fit: Callable[[C], C],
+               launch: Callable[[C], object]) -> C:
+        """This key's candidate, timed with ``launch`` the first time the key is seen.
 
         Args:
-            key: everything the best config may depend on (shapes, dtype, kernel variant).
+            key: everything the best candidate may depend on (shapes, dtype, kernel variant).
             fit: adapts a candidate to the problem (e.g. shrinks tiles wider than the matrix);
                 candidates that become equal are timed once.
-            launch: allocates the outputs, launches the kernel with the config, returns them.
-                It must have no other effect: timing calls it several times.
+            launch: runs the work with a candidate. It must have no lasting effect: timing calls
+                it several times.
         """
-        configs = self.candidates if device.type == "cuda" else (self.interpreter,)
-        configs = list(dict.fromkeys(fit(c) for c in configs))
+        candidates = self.candidates if device.type == "cuda" else (self.interpreter,)
+        candidates = list(dict.fromkeys(fit(c) for c in candidates))
         if not tuning_enabled(device):
-            return launch(configs[0])
+            return candidates[0]
         key = (device.index, key)
         if key not in self.chosen:
-            self.chosen[key] = self._fastest(key, configs, launch)
-        return launch(self.chosen[key])
+            self.chosen[key] = self._fastest(key, candidates, launch)
+        return self.chosen[key]
 
-    def _fastest(self, key: Hashable, configs: list[TileConfig],
-                 launch: Callable[[TileConfig], object]) -> TileConfig:
-        times: dict[TileConfig, float] = {}
+    def run(self, key: Hashable, device: torch.device, fit: Callable[[C], C],
+            launch: Callable[[C], T]) -> T:
+        """``launch(self.choose(...))``: for launches that allocate their outputs and do nothing else."""
+        return launch(self.choose(key, device, fit, launch))
+
+    def _fastest(self, key: Hashable, candidates: list[C], launch: Callable[[C], object]) -> C:
+        times: dict[C, float] = {}
         failures: list[str] = []
-        for config in configs:
+        for candidate in candidates:
             try:
-                times[config] = self.benchmark_ms(functools.partial(launch, config))
-            except Exception as err:  # this config does not compile or launch here; the rest may
-                failures.append(f"{config}: {type(err).__name__}: {err}")
+                times[candidate] = self.benchmark_ms(functools.partial(launch, candidate))
+            except Exception as err:  # this candidate does not compile or launch here; the rest may
+                failures.append(f"{candidate}: {type(err).__name__}: {err}")
         if not times:
-            raise NoTileConfigError(f"{self.name}: no block shape compiles and runs for {key}: "
+            raise NoCandidateError(f"{self.name}: no candidate compiles and runs for {key}: "
                                     + "; ".join(failures))
         return min(times, key=times.__getitem__)

@@ -63,7 +63,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc_dtype, tl_acc_dtype
-from ._tuning import TileConfig, TileTuner
+from ._tuning import TileConfig, Tuner
 
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4}
 
@@ -71,12 +71,12 @@ ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmo
 # fastest kept; the first is the untimed default. The conv GEMM's (m, n, k) are (pixels, output
 # channels, input channels per tap); the weight gradient's (m, n, k) are (C_g, C_d, pixels).
 # The interpreter pays per operation, not per element: large tiles keep the CPU tests fast.
-GEMM_TUNER = TileTuner("conv_bn_act GEMM", [
+GEMM_TUNER = Tuner("conv_bn_act GEMM", [
     TileConfig(128, 64, 32), TileConfig(64, 64, 32), TileConfig(64, 128, 32),
     TileConfig(128, 128, 32, num_warps=8), TileConfig(128, 64, 64), TileConfig(128, 128, 64, num_warps=8),
     TileConfig(256, 64, 32, num_warps=8), TileConfig(64, 32, 64, num_stages=4),
 ], interpreter=TileConfig(128, 32, 32))
-WGRAD_TUNER = TileTuner("conv_bn_act weight gradient", [
+WGRAD_TUNER = Tuner("conv_bn_act weight gradient", [
     TileConfig(64, 64, 32), TileConfig(128, 64, 32), TileConfig(64, 128, 32),
     TileConfig(128, 128, 32, num_warps=8), TileConfig(64, 64, 64), TileConfig(128, 128, 64, num_warps=8),
 ], interpreter=TileConfig(32, 32, 128))

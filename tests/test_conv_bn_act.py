@@ -552,16 +552,75 @@ def test_no_tile_config_falls_back_to_the_reference(monkeypatch):
     monkeypatch.setattr(_tuning, "tuning_enabled", lambda device: True)
     monkeypatch.setattr(kernels.GEMM_TUNER, "benchmark_ms", out_of_shared_memory)
     monkeypatch.setattr(kernels.GEMM_TUNER, "chosen", {})
+    monkeypatch.setattr(FF.CONV_IMPLEMENTATION_TUNER, "benchmark_ms", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(FF.CONV_IMPLEMENTATION_TUNER, "chosen", {})
     case = CASES[1]
     inp = make_inputs(case)
-    with pytest.raises(_tuning.NoTileConfigError, match="conv_bn_act GEMM: no block shape"):
+    with pytest.raises(_tuning.NoCandidateError, match="conv_bn_act GEMM: no candidate"):
         FF.conv_bn_act(*inp, **conv_kwargs(case, True))
     backend.reset_failures()
     try:
-        with fastgen.use_backend("auto"), pytest.warns(RuntimeWarning, match="NoTileConfigError"):
+        with fastgen.use_backend("auto"), pytest.warns(RuntimeWarning, match="NoCandidateError"):
             out = FF.conv_bn_act(*inp, **conv_kwargs(case, True))
         assert "conv_bn_act" in backend.failed_ops()
     finally:
         backend.reset_failures()
     ref = reference.conv_bn_act(*(t.detach() for t in inp), **conv_kwargs(case, True))
     assert rel_err(out, ref) < TOL
+
+
+@pytest.fixture
+def cudnn_gemm(monkeypatch):
+    """Conv layers take the "cudnn-gemm" implementation: torch's conv + the fused BN passes."""
+    _force_config(monkeypatch, FF.CONV_IMPLEMENTATION_TUNER, "cudnn-gemm")
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[9], CASES[12]], ids=_ids)
+@pytest.mark.parametrize("training", [True, False])
+def test_cudnn_gemm_implementation(cudnn_gemm, case, training):
+    fused, ref = run_both(case, training)
+    for name, a, b in zip(NAMES, fused, ref):
+        assert rel_err(a, b) < TOL, (name, training)
+
+
+@pytest.mark.parametrize("case", [CASES[3], CASES[11]], ids=_ids)
+def test_cudnn_gemm_implementation_without_bn(cudnn_gemm, case):
+    inp = make_inputs(case)
+    kw = dict(stride=case.stride, padding=case.padding, output_padding=case.output_padding,
+              transposed=case.transposed, activation=case.activation)
+    out = FF.conv_bias_act(inp.x, inp.weight, inp.beta, **kw)
+    ref = reference.conv_bias_act(inp.x.double(), inp.weight.double(), inp.beta.double(), **kw)
+    assert rel_err(out, ref) < TOL
+
+
+def test_implementation_chosen_by_timing_leaves_no_trace(monkeypatch):
+    """With tuning on, both implementations are timed on detached copies (forward and backward)
+    before the chosen one runs: the result, its gradients and the running statistics are those of
+    one ordinary call."""
+    from fastgen.kernels import _tuning
+
+    timed = []
+
+    def fake_benchmark_ms(fn):
+        fn()
+        timed.append(fn.args[0])
+        return {"fused": 2.0, "cudnn-gemm": 1.0}[fn.args[0]]
+
+    monkeypatch.setattr(_tuning, "tuning_enabled", lambda device: True)
+    monkeypatch.setattr(FF.CONV_IMPLEMENTATION_TUNER, "benchmark_ms", fake_benchmark_ms)
+    monkeypatch.setattr(FF.CONV_IMPLEMENTATION_TUNER, "candidates", FF.CONV_IMPLEMENTATIONS)
+    monkeypatch.setattr(FF.CONV_IMPLEMENTATION_TUNER, "interpreter", "fused")
+    monkeypatch.setattr(FF.CONV_IMPLEMENTATION_TUNER, "chosen", {})
+    monkeypatch.setattr(kernels.GEMM_TUNER, "benchmark_ms", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(kernels.WGRAD_TUNER, "benchmark_ms", lambda fn: (fn(), 1.0)[1])
+    fused, ref = run_both(CASES[1], training=True)
+    assert timed == ["fused"], "on CPU the interpreter's candidate is the only one"
+    assert list(FF.CONV_IMPLEMENTATION_TUNER.chosen.values()) == ["fused"]
+    for name, a, b in zip(NAMES, fused, ref):
+        assert rel_err(a, b) < TOL, name
+
+    monkeypatch.setattr(FF.CONV_IMPLEMENTATION_TUNER, "interpreter", "cudnn-gemm")
+    fused, ref = run_both(CASES[2], training=True)
+    assert timed == ["fused", "cudnn-gemm"]
+    for name, a, b in zip(NAMES, fused, ref):
+        assert rel_err(a, b) < TOL, name

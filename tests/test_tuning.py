@@ -8,7 +8,7 @@ import torch
 from triton.runtime.errors import OutOfResources
 
 from fastgen.kernels import _tuning
-from fastgen.kernels._tuning import NoTileConfigError, TileConfig, TileTuner
+from fastgen.kernels._tuning import NoCandidateError, TileConfig, Tuner
 
 CUDA = torch.device("cuda", 0)  # never touched: the launches below are fakes
 A, B, C = TileConfig(64, 64, 32), TileConfig(128, 64, 32), TileConfig(128, 128, 64, num_warps=8)
@@ -45,13 +45,13 @@ class Launches(list):
         return config
 
 
-def make_tuner(times) -> tuple[TileTuner, FakeTimer, Launches]:
-    tuner = TileTuner("test kernel", [A, B, C], interpreter=INTERPRETER)
+def make_tuner(times) -> tuple[Tuner, FakeTimer, Launches]:
+    tuner = Tuner("test kernel", [A, B, C], interpreter=INTERPRETER)
     tuner.benchmark_ms = timer = FakeTimer(times)
     return tuner, timer, Launches()
 
 
-def identity(config: TileConfig) -> TileConfig:
+def identity(config):
     return config
 
 
@@ -80,7 +80,7 @@ def test_a_config_that_fails_drops_out(tuning_on):
 
 def test_no_config_that_runs_is_a_clear_error(tuning_on):
     tuner, _, launch = make_tuner({c: OutOfResources(300_000, 100_000, "shared memory") for c in (A, B, C)})
-    with pytest.raises(NoTileConfigError, match=r"test kernel: no block shape .* OutOfResources"):
+    with pytest.raises(NoCandidateError, match=r"test kernel: no candidate .* OutOfResources"):
         tuner.run("k", CUDA, identity, launch)
     assert tuner.chosen == {}
 
@@ -114,3 +114,14 @@ def test_policy_defaults(monkeypatch):
     assert not _tuning.tuning_enabled(torch.device("cpu"))
     if not torch.cuda.is_available():
         assert _tuning.tuning_enabled(CUDA), "tuning is on by default for CUDA tensors"
+
+
+def test_choose_returns_the_fastest_candidate_of_any_kind(tuning_on):
+    """Candidates need only be hashable (the conv layer's implementations are names); choose()
+    times them and returns the winner without running it again."""
+    tuner = Tuner("implementation", ["fused", "cudnn-gemm"], interpreter="fused")
+    tuner.benchmark_ms = timer = FakeTimer({"fused": 2.0, "cudnn-gemm": 1.0})
+    launch = Launches()
+    assert tuner.choose("shape", CUDA, identity, launch) == "cudnn-gemm"
+    assert launch == ["fused", "cudnn-gemm"] and timer.timed == ["fused", "cudnn-gemm"]
+    assert tuner.choose("shape", torch.device("cpu"), identity, launch) == "fused"
