@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="tiny shapes on the CPU (through the Triton interpreter), no torch.compile rows")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--only", default="", help="regular expression on 'family case' to select rows")
+    parser.add_argument("--tag", default="", help="appended to the report's file names (a part of a session)")
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available() and not args.smoke
@@ -231,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     report["tuned"] = tuned_choices()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{re.sub(r'[^A-Za-z0-9]+', '-', device_name).strip('-').lower()}-{date:%Y-%m-%d}"
+    if args.tag:
+        stem += "-" + re.sub(r"[^A-Za-z0-9]+", "-", args.tag).strip("-").lower()
     (args.out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2))
     table = markdown(report)
     (args.out_dir / f"{stem}.md").write_text(table)

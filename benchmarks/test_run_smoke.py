@@ -24,7 +24,9 @@ def test_run_smoke_writes_json_and_markdown(tmp_path, capsys):
 
 def test_run_smoke_conv_layer_has_the_cudnn_gemm_row(tmp_path, capsys):
     """A conv-BN layer is also timed as cuDNN's conv + fastgen's bn_act, checked like the others."""
-    assert run.main(["--smoke", "--out-dir", str(tmp_path), "--only", "conv_bn_act .* fwd\\+bwd"]) == 0
-    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
+    assert run.main(["--smoke", "--out-dir", str(tmp_path), "--only", "conv_bn_act .* fwd\\+bwd",
+                     "--tag", "conv layers"]) == 0
+    (json_file,) = tmp_path.glob("*-conv-layers.json")
+    rows = json.loads(json_file.read_text())["rows"]
     assert [r["impl"] for r in rows] == ["fastgen", "fastgen-cudnn-gemm", "eager"]
     assert all(r["ok"] for r in rows)

@@ -68,17 +68,17 @@ from ._tuning import TileConfig, Tuner
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4}
 
 # GEMM tiles (kernels/_tuning.py): on CUDA the candidates that fit a shape are timed once and the
-# fastest kept; the first is the untimed default. The conv GEMM's (m, n, k) are (pixels, output
+# fastest kept; the first is the untimed default. Few candidates: each costs a compile per shape
+# and kernel variant. The conv GEMM's (m, n, k) are (pixels, output
 # channels, input channels per tap); the weight gradient's (m, n, k) are (C_g, C_d, pixels).
 # The interpreter pays per operation, not per element: large tiles keep the CPU tests fast.
 GEMM_TUNER = Tuner("conv_bn_act GEMM", [
-    TileConfig(128, 64, 32), TileConfig(64, 64, 32), TileConfig(64, 128, 32),
-    TileConfig(128, 128, 32, num_warps=8), TileConfig(128, 64, 64), TileConfig(128, 128, 64, num_warps=8),
-    TileConfig(256, 64, 32, num_warps=8), TileConfig(64, 32, 64, num_stages=4),
+    TileConfig(128, 64, 32), TileConfig(128, 128, 32, num_warps=8),
+    TileConfig(128, 128, 64, num_warps=8), TileConfig(64, 64, 32), TileConfig(256, 64, 32, num_warps=8),
 ], interpreter=TileConfig(128, 32, 32))
 WGRAD_TUNER = Tuner("conv_bn_act weight gradient", [
-    TileConfig(64, 64, 32), TileConfig(128, 64, 32), TileConfig(64, 128, 32),
-    TileConfig(128, 128, 32, num_warps=8), TileConfig(64, 64, 64), TileConfig(128, 128, 64, num_warps=8),
+    TileConfig(64, 64, 32), TileConfig(128, 64, 32), TileConfig(128, 128, 32, num_warps=8),
+    TileConfig(64, 64, 64),
 ], interpreter=TileConfig(32, 32, 128))
 # The weight gradient splits its pixel reduction (into chunks of at least 2 * k rows, summed in a
 # fixed order) until about this many programs run (GPU, interpreter).

@@ -224,6 +224,22 @@ def test_gpu_dcgan_layers(case, dtype, tol):
             assert torch.equal(a, c), (name, "not deterministic")
 
 
+@pytest.mark.gpu
+def test_gpu_tuning_times_the_candidates(monkeypatch):
+    """With tuning on (the default; the GPU session runs the suite with FASTGEN_AUTOTUNE=0), a
+    layer's first call times the implementations and the tiles, and the result is still right."""
+    monkeypatch.setenv("FASTGEN_AUTOTUNE", "1")
+    tuners = (FF.CONV_IMPLEMENTATION_TUNER, kernels.GEMM_TUNER, kernels.WGRAD_TUNER)
+    for tuner in tuners:
+        monkeypatch.setattr(tuner, "chosen", {})
+    fused, ref = run_both(DCGAN_CASES[2], training=True, dtype=torch.bfloat16, device="cuda")
+    for name, a, b in zip(NAMES, fused, ref):
+        assert rel_err(a, b) < 5e-2, name
+    assert FF.CONV_IMPLEMENTATION_TUNER.chosen
+    if set(FF.CONV_IMPLEMENTATION_TUNER.chosen.values()) == {"fused"}:
+        assert kernels.GEMM_TUNER.chosen and kernels.WGRAD_TUNER.chosen
+
+
 @pytest.mark.parametrize("allow_tf32", [True, False])
 def test_tf32_exactly_when_cudnn_allows_it(monkeypatch, allow_tf32):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)
