@@ -4,16 +4,23 @@
 #
 #   bash benchmarks/gpu_session.sh OUT tests             # the whole suite on CUDA
 #   bash benchmarks/gpu_session.sh OUT bench 'REGEX'     # benchmarks/run.py --only REGEX
-#   bash benchmarks/gpu_session.sh OUT all               # both, everything (a long call)
+#   bash benchmarks/gpu_session.sh OUT all               # both, every row (longer than one call)
 #
 # The tests run with FASTGEN_AUTOTUNE=0 (the default tile, no per-shape timing: hundreds of
 # test shapes would each pay the candidates' compiles); the report tunes as users do.
 # Logs, JSON and markdown land in OUT; a bench part's files are tagged with its regex.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: gpu_session.sh OUT_DIR tests|bench|all [REGEX]}
+usage="usage: gpu_session.sh OUT_DIR tests|bench REGEX|all"
+out=${1:?$usage}
 part=${2:-all}
 only=${3:-}
+case $part in
+    tests|all) ;;
+    bench) [[ -n $only ]] || { echo "bench needs a REGEX: every row does not fit one call; $usage" >&2; exit 2; } ;;
+    *) echo "unknown part '$part'; $usage" >&2; exit 2 ;;
+esac
+tag=$(printf '%s' "$only" | tr -c 'A-Za-z0-9' '-')
 mkdir -p "$out"
 export PYTHONPATH=.
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
@@ -26,9 +33,9 @@ if [[ $part == tests || $part == all ]]; then
     tail -n 3 "$out/tests.log"
 fi
 if [[ $part == bench || $part == all ]]; then
-    python3 benchmarks/run.py --out-dir "$out" --only "$only" --tag "$only" > "$out/run.log" 2>&1
+    python3 benchmarks/run.py --out-dir "$out" --only "$only" --tag "$only" > "$out/run-$tag.log" 2>&1
     run_rc=$?
-    tail -n 60 "$out/run.log"
+    tail -n 60 "$out/run-$tag.log"
 fi
 echo "tests rc=$tests_rc, run.py rc=$run_rc"
 exit $(( tests_rc || run_rc ))

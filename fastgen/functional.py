@@ -560,6 +560,9 @@ def _conv_cudnn_gemm(x: Tensor, weight: Tensor, gamma: Tensor | None, beta: Tens
                                                  spec.output_padding)
     else:
         y = torch.nn.functional.conv2d(x, weight, bias, spec.stride, spec.padding)
+    # cuDNN also answers a channels_last weight in channels_last: follow x alone, as "fused" does
+    channels_last = _channels_last_out(x)
+    y = y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if spec.mode == "bias":
         return reference.activate(y, spec.activation, spec.negative_slope)
     return _apply_fused(_BNAct, running_mean, running_var, y, gamma, beta, running_mean,
@@ -574,20 +577,22 @@ def _conv_triton(x: Tensor, weight: Tensor, gamma: Tensor | None, beta: Tensor |
                  running_mean: Tensor | None, running_var: Tensor | None, spec: _ConvSpec) -> Tensor:
     """The Triton backend's conv layer: the implementation chosen for this shape."""
     params = (x, weight, gamma, beta)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
-    # momentum and eps change no cost (and momentum=None changes every step): not in the key
-    key = (tuple(x.shape), tuple(weight.shape), x.dtype, _channels_last_out(x), needs_grad,
+    grads = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in params)
+    # Which gradients a step needs changes its cost (a frozen D needs dx only). momentum and eps
+    # change no cost (and momentum=None changes every step): not in the key.
+    key = (tuple(x.shape), tuple(weight.shape), x.dtype, _channels_last_out(x), grads,
            spec._replace(momentum=0.0, eps=0.0), torch.backends.cudnn.allow_tf32)
 
     def trial(implementation: str) -> None:
-        """One step on detached copies; no running-statistics update."""
-        leaves = [None if t is None else t.detach().requires_grad_(t.requires_grad) for t in params]
+        """One step on detached copies; no running-statistics update. Identity saved-tensor hooks
+        keep the trial out of any enclosing ones (torch.utils.checkpoint would count its tensors)."""
+        leaves = [None if t is None else t.detach().requires_grad_(g) for t, g in zip(params, grads)]
         stats = (running_mean, running_var) if spec.mode == "eval" else (None, None)
-        with torch.set_grad_enabled(needs_grad):
+        with torch.set_grad_enabled(any(grads)), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
             out = _CONV_IMPLEMENTATION_FNS[implementation](*leaves, *stats, spec)
-            if needs_grad:
-                torch.autograd.grad(out, [t for t in leaves if t is not None and t.requires_grad],
-                                    out.detach())
+            if any(grads):
+                torch.autograd.grad(out, [t for t, g in zip(leaves, grads) if g], out.detach())
 
     implementation = CONV_IMPLEMENTATION_TUNER.choose(key, x.device, lambda c: c, trial)
     return _CONV_IMPLEMENTATION_FNS[implementation](x, weight, gamma, beta, running_mean,

@@ -11,11 +11,14 @@ variant) for the rest of the process.
 Policy (:func:`tuning_enabled`):
 
 - the interpreter (CPU tensors) runs the tuner's ``interpreter`` candidate;
-- on CUDA the candidates are timed, unless ``FASTGEN_AUTOTUNE=0``, PyTorch's deterministic
-  mode (``torch.use_deterministic_algorithms`` or ``torch.backends.cudnn.deterministic``) is
-  on, or a CUDA graph is being captured; then the first candidate that fits runs untimed. Every
-  config is deterministic on its own, but two configs sum in different orders: timing may pick
-  different configs in two processes, as ``cudnn.benchmark`` may pick different algorithms;
+- on CUDA the candidates are timed the first time a key is seen, unless ``FASTGEN_AUTOTUNE=0``,
+  PyTorch's deterministic mode (``torch.use_deterministic_algorithms`` or
+  ``torch.backends.cudnn.deterministic``) is on, or a CUDA graph is being captured; then a key
+  already timed keeps its choice and a new one takes the first candidate that fits, untimed.
+  Timing may pick differently in two processes, as ``cudnn.benchmark`` may: two tile configs
+  sum in different orders, and the "cudnn-gemm" conv implementation runs cuDNN's backward,
+  which may use atomics. With tuning off, the fused kernels with their default tiles run, and
+  they repeat bit for bit;
 - a candidate that fails to compile or launch (shared memory, registers) drops out; when all
   fail, :class:`NoCandidateError` is raised, which the backend's "auto" rule turns into the
   reference path.
@@ -92,14 +95,15 @@ class Tuner(Generic[C]):
             launch: runs the work with a candidate. It must have no lasting effect: timing calls
                 it several times.
         """
+        tuned_key = (device.index, key)
+        if tuned_key in self.chosen:  # also while tuning is off, e.g. during CUDA-graph capture
+            return self.chosen[tuned_key]
         candidates = self.candidates if device.type == "cuda" else (self.interpreter,)
         candidates = list(dict.fromkeys(fit(c) for c in candidates))
         if not tuning_enabled(device):
             return candidates[0]
-        key = (device.index, key)
-        if key not in self.chosen:
-            self.chosen[key] = self._fastest(key, candidates, launch)
-        return self.chosen[key]
+        self.chosen[tuned_key] = self._fastest(tuned_key, candidates, launch)
+        return self.chosen[tuned_key]
 
     def run(self, key: Hashable, device: torch.device, fit: Callable[[C], C],
             launch: Callable[[C], T]) -> T:

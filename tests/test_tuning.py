@@ -125,3 +125,13 @@ def test_choose_returns_the_fastest_candidate_of_any_kind(tuning_on):
     assert tuner.choose("shape", CUDA, identity, launch) == "cudnn-gemm"
     assert launch == ["fused", "cudnn-gemm"] and timer.timed == ["fused", "cudnn-gemm"]
     assert tuner.choose("shape", torch.device("cpu"), identity, launch) == "fused"
+
+
+def test_a_timed_key_keeps_its_choice_while_tuning_is_off(monkeypatch, tuning_on):
+    """E.g. a CUDA graph captured after warm-up replays the tuned config, not the default."""
+    tuner, timer, launch = make_tuner({A: 3.0, B: 1.0, C: 2.0})
+    assert tuner.choose("shape", CUDA, identity, launch) == B
+    monkeypatch.setattr(_tuning, "tuning_enabled", lambda device: False)
+    assert tuner.choose("shape", CUDA, identity, launch) == B
+    assert tuner.choose("new shape", CUDA, identity, launch) == A
+    assert timer.timed == [A, B, C]
