@@ -3,7 +3,7 @@
 # nothing from a registry), in parts that each fit one 10-minute device call:
 #
 #   bash benchmarks/gpu_session.sh OUT tests             # the whole suite on CUDA
-#   bash benchmarks/gpu_session.sh OUT bench 'REGEX'     # benchmarks/run.py --only REGEX
+#   bash benchmarks/gpu_session.sh OUT bench 'REGEX' [run.py options, e.g. --skip compile-max-autotune]
 #   bash benchmarks/gpu_session.sh OUT all               # both, every row (longer than one call)
 #
 # The tests run with FASTGEN_AUTOTUNE=0 (the default tile, no per-shape timing: hundreds of
@@ -11,10 +11,11 @@
 # Logs, JSON and markdown land in OUT; a bench part's files are tagged with its regex.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-usage="usage: gpu_session.sh OUT_DIR tests|bench REGEX|all"
+usage="usage: gpu_session.sh OUT_DIR tests|bench REGEX [run.py options]|all"
 out=${1:?$usage}
 part=${2:-all}
 only=${3:-}
+run_options=("${@:4}")
 case $part in
     tests|all) ;;
     bench) [[ -n $only ]] || { echo "bench needs a REGEX: every row does not fit one call; $usage" >&2; exit 2; } ;;
@@ -33,7 +34,7 @@ if [[ $part == tests || $part == all ]]; then
     tail -n 3 "$out/tests.log"
 fi
 if [[ $part == bench || $part == all ]]; then
-    python3 benchmarks/run.py --out-dir "$out" --only "$only" --tag "$only" > "$out/run-$tag.log" 2>&1
+    python3 benchmarks/run.py --out-dir "$out" --only "$only" --tag "$only" ${run_options[@]+"${run_options[@]}"} > "$out/run-$tag.log" 2>&1
     run_rc=$?
     tail -n 60 "$out/run-$tag.log"
 fi

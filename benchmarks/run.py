@@ -201,13 +201,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--only", default="", help="regular expression on 'family case' to select rows")
     parser.add_argument("--tag", default="", help="appended to the report's file names (a part of a session)")
+    parser.add_argument("--skip", default="", help="comma-separated implementations not to run, e.g. "
+                        "compile-max-autotune (minutes of compiles per conv shape)")
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:
         parser.error("no CUDA device: run with --smoke to check the harness on the CPU")
     device = torch.device("cuda" if cuda else "cpu")
-    impls = IMPLS if cuda else tuple(i for i in IMPLS if i not in COMPILE_MODES)
+    skipped = {name.strip() for name in args.skip.split(",") if name.strip()}
+    if skipped - set(IMPLS):
+        parser.error(f"--skip: unknown implementations {sorted(skipped - set(IMPLS))}; expected some of {', '.join(IMPLS)}")
+    impls = tuple(i for i in IMPLS if i not in skipped and (cuda or i not in COMPILE_MODES))
     import triton
 
     import fastgen

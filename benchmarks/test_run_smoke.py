@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from benchmarks import run
 
 
@@ -30,3 +32,12 @@ def test_run_smoke_conv_layer_has_the_cudnn_gemm_row(tmp_path, capsys):
     rows = json.loads(json_file.read_text())["rows"]
     assert [r["impl"] for r in rows] == ["fastgen", "fastgen-cudnn-gemm", "eager"]
     assert all(r["ok"] for r in rows)
+
+
+def test_run_skips_implementations(tmp_path, capsys):
+    assert run.main(["--smoke", "--out-dir", str(tmp_path), "--only", "gan_g_loss", "--skip", "eager"]) == 0
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
+    assert {r["impl"] for r in rows} == {"fastgen"}
+    with pytest.raises(SystemExit) as exit_:
+        run.main(["--smoke", "--skip", "eagre"])
+    assert exit_.value.code == 2 and "eagre" in capsys.readouterr().err
