@@ -84,6 +84,10 @@ class Tuner(Generic[C]):
         self.chosen: dict[Hashable, C] = {}
         self.benchmark_ms: Callable[[Callable[[], object]], float] = _benchmark_ms
 
+    def candidates_for(self, device: torch.device) -> tuple[C, ...]:
+        """The candidates on ``device``: all of them on CUDA, the interpreter's elsewhere."""
+        return self.candidates if device.type == "cuda" else (self.interpreter,)
+
     def choose(self, key: Hashable, device: torch.device, fit: Callable[[C], C],
                launch: Callable[[C], object]) -> C:
         """This key's candidate, timed with ``launch`` the first time the key is seen.
@@ -98,8 +102,7 @@ class Tuner(Generic[C]):
         tuned_key = (device.index, key)
         if tuned_key in self.chosen:  # also while tuning is off, e.g. during CUDA-graph capture
             return self.chosen[tuned_key]
-        candidates = self.candidates if device.type == "cuda" else (self.interpreter,)
-        candidates = list(dict.fromkeys(fit(c) for c in candidates))
+        candidates = list(dict.fromkeys(fit(c) for c in self.candidates_for(device)))
         if not tuning_enabled(device):
             return candidates[0]
         self.chosen[tuned_key] = self._fastest(tuned_key, candidates, launch)

@@ -687,3 +687,28 @@ def test_cudnn_gemm_output_follows_x_memory_format(cudnn_gemm):
         out = (FF.conv_bn_act(inp.x, weight, inp.gamma, inp.beta, None, None, **kw) if bn
                else FF.conv_bias_act(inp.x, weight, inp.beta, **kw))
         assert out.is_contiguous(), bn
+
+
+def test_a_shape_whose_fused_kernels_fail_runs_cudnn_gemm(monkeypatch, timed_implementations):
+    """With tuning on, an implementation whose trial fails (here: no tile compiles) drops out for
+    that shape: the layer runs cuDNN's conv with the fused BN passes, and "auto" records no
+    failure."""
+    from triton.runtime.errors import OutOfResources
+
+    from fastgen import backend
+
+    def out_of_shared_memory(fn):
+        raise OutOfResources(300_000, 232_448, "shared memory")
+
+    tuner = FF.CONV_IMPLEMENTATION_TUNER
+    monkeypatch.setattr(tuner, "candidates_for", lambda device: FF.CONV_IMPLEMENTATIONS)
+    monkeypatch.setattr(tuner, "chosen", {})
+    monkeypatch.setattr(kernels.GEMM_TUNER, "benchmark_ms", out_of_shared_memory)
+    backend.reset_failures()
+    with fastgen.use_backend("auto"):
+        fused, ref = run_both(CASES[1], training=True)
+    assert backend.failed_ops() == {}
+    assert timed_implementations == ["cudnn-gemm"], "the fused trial failed before it was timed"
+    assert list(tuner.chosen.values()) == ["cudnn-gemm"]
+    for name, a, b in zip(NAMES, fused, ref):
+        assert rel_err(a, b) < TOL, name
