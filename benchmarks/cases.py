@@ -41,7 +41,8 @@ class Case:
 
     make_inputs(device) returns the inputs (leaves that require grad where the op has gradients);
     fns maps "fastgen", "eager" and optionally "fastgen-cudnn-gemm" to a function of the inputs
-    returning the op's output(s) (compile rows compile the eager function); each step backpropagates ones into every output.
+    returning the op's output(s) (compile rows compile the eager function); each step
+    backpropagates fixed random gradients (:func:`_upstream`) into every output.
     expected(inputs, outputs) gives the float64 values the step's outputs and input gradients
     should have (see :func:`reference_expected`; a random op derives them from its outputs).
     floor_bytes is the least traffic any implementation needs (read each input, write each

@@ -102,9 +102,10 @@ class Tuner(Generic[C]):
         tuned_key = (device.index, key)
         if tuned_key in self.chosen:  # also while tuning is off, e.g. during CUDA-graph capture
             return self.chosen[tuned_key]
-        candidates = list(dict.fromkeys(fit(c) for c in self.candidates_for(device)))
+        candidates = self.candidates_for(device)
         if not tuning_enabled(device):
-            return candidates[0]
+            return fit(candidates[0])
+        candidates = list(dict.fromkeys(fit(c) for c in candidates))
         self.chosen[tuned_key] = self._fastest(tuned_key, candidates, launch)
         return self.chosen[tuned_key]
 

@@ -69,8 +69,8 @@ ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmo
 
 # GEMM tiles (kernels/_tuning.py): on CUDA the candidates that fit a shape are timed once and the
 # fastest kept; the first is the untimed default. Few candidates: each costs a compile per shape
-# and kernel variant. The conv GEMM's (m, n, k) are (pixels, output
-# channels, input channels per tap); the weight gradient's (m, n, k) are (C_g, C_d, pixels).
+# and kernel variant. The conv GEMM's (m, n, k) are (pixels, output channels, input channels per
+# tap); the weight gradient's (m, n, k) are (C_g, C_d, pixels).
 # The interpreter pays per operation, not per element: large tiles keep the CPU tests fast.
 GEMM_TUNER = Tuner("conv_bn_act GEMM", [
     TileConfig(128, 64, 32), TileConfig(128, 128, 32, num_warps=8),
@@ -572,8 +572,8 @@ def _conv_gemm(a: torch.Tensor, weight: torch.Tensor, out_hw: tuple[int, int],
             num_stages=config.num_stages)
         return part
 
-    key = (a.shape, out_hw, C_b, KH, KW, stride, padding, transposed, epilogue, pre is not None, store_pre,
-           a.dtype, precision)
+    key = (a.shape, out_hw, C_b, KH, KW, stride, padding, transposed, epilogue, pre is not None,
+           store_pre, a.dtype, precision)
     part = GEMM_TUNER.run(key, a.device, fit, launch)
     return y, out, part
 

@@ -10,10 +10,15 @@ from typing import NamedTuple
 import pytest
 import torch
 
+from triton.runtime.errors import OutOfResources
+
 import fastgen
+from fastgen import backend
 from fastgen import functional as FF
 from fastgen import reference
+from fastgen.kernels import _tuning
 from fastgen.kernels import conv_bn_act as kernels
+from fastgen.kernels._tuning import NoCandidateError
 
 # Kernel tests run on CUDA where there is one (compiled kernels), else through the interpreter.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -565,25 +570,14 @@ def test_every_candidate_tile_is_correct(monkeypatch, tuner_name, config, case):
         assert rel_err(a, b) < TOL, name
 
 
-def test_no_tile_config_falls_back_to_the_reference(monkeypatch):
+def test_no_tile_config_falls_back_to_the_reference(monkeypatch, timed_implementations):
     """When no block shape compiles for a shape, "auto" warns and runs the reference; "triton"
     raises the tuner's error."""
-    from triton.runtime.errors import OutOfResources
-
-    from fastgen import backend
-    from fastgen.kernels import _tuning
-
-    def out_of_shared_memory(fn):
-        raise OutOfResources(300_000, 232_448, "shared memory")
-
-    monkeypatch.setattr(_tuning, "tuning_enabled", lambda device: True)
-    monkeypatch.setattr(kernels.GEMM_TUNER, "benchmark_ms", out_of_shared_memory)
-    monkeypatch.setattr(kernels.GEMM_TUNER, "chosen", {})
     _force_config(monkeypatch, FF.CONV_IMPLEMENTATION_TUNER, "fused")  # on a GPU: cuDNN would win
-    monkeypatch.setattr(FF.CONV_IMPLEMENTATION_TUNER, "benchmark_ms", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(kernels.GEMM_TUNER, "benchmark_ms", _out_of_shared_memory)
     case = CASES[1]
     inp = make_inputs(case)
-    with pytest.raises(_tuning.NoCandidateError, match="conv_bn_act GEMM: no candidate"):
+    with pytest.raises(NoCandidateError, match="conv_bn_act GEMM: no candidate"):
         FF.conv_bn_act(*inp, **conv_kwargs(case, True))
     backend.reset_failures()
     try:
@@ -623,9 +617,7 @@ def test_cudnn_gemm_implementation_without_bn(cudnn_gemm, case):
 @pytest.fixture
 def timed_implementations(monkeypatch):
     """Tuning on, with timers that run each trial once: returns the list of implementations timed.
-    Each test pins the one candidate it times (a GPU would time both)."""
-    from fastgen.kernels import _tuning
-
+    Each test pins the candidates it times (a GPU would time both)."""
     timed = []
 
     def run_once(fn):
@@ -639,6 +631,11 @@ def timed_implementations(monkeypatch):
         monkeypatch.setattr(tuner, "benchmark_ms", lambda fn: (fn(), 1.0)[1])
         monkeypatch.setattr(tuner, "chosen", {})
     return timed
+
+
+def _out_of_shared_memory(fn):
+    """A tuner timer under which no candidate fits in shared memory."""
+    raise OutOfResources(300_000, 232_448, "shared memory")
 
 
 @pytest.mark.parametrize("implementation", FF.CONV_IMPLEMENTATIONS)
@@ -693,17 +690,10 @@ def test_a_shape_whose_fused_kernels_fail_runs_cudnn_gemm(monkeypatch, timed_imp
     """With tuning on, an implementation whose trial fails (here: no tile compiles) drops out for
     that shape: the layer runs cuDNN's conv with the fused BN passes, and "auto" records no
     failure."""
-    from triton.runtime.errors import OutOfResources
-
-    from fastgen import backend
-
-    def out_of_shared_memory(fn):
-        raise OutOfResources(300_000, 232_448, "shared memory")
-
     tuner = FF.CONV_IMPLEMENTATION_TUNER
     monkeypatch.setattr(tuner, "candidates_for", lambda device: FF.CONV_IMPLEMENTATIONS)
     monkeypatch.setattr(tuner, "chosen", {})
-    monkeypatch.setattr(kernels.GEMM_TUNER, "benchmark_ms", out_of_shared_memory)
+    monkeypatch.setattr(kernels.GEMM_TUNER, "benchmark_ms", _out_of_shared_memory)
     backend.reset_failures()
     with fastgen.use_backend("auto"):
         fused, ref = run_both(CASES[1], training=True)

@@ -61,8 +61,7 @@ def _conv_block(in_channels: int, out_channels: int, kernel_size: int, stride: i
     block_type = ConvTransposeBNAct if transposed else ConvBNAct
     block = block_type(in_channels, out_channels, kernel_size, stride, padding, batch_norm=batch_norm,
                        activation=activation, negative_slope=_LEAKY_SLOPE)
-    if spectral_norm:
-        nn.utils.parametrizations.spectral_norm(block[0])  # in place: block[0] stays the conv
+    _spectral(block[0], spectral_norm)  # parametrizes in place: block[0] stays the conv
     return block
 
 
