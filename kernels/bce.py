@@ -3,10 +3,16 @@
 For a logit x and a target t in [0, 1], with e = exp(-|x|) in (0, 1]:
 
     loss(x, t) = softplus(x) - t * x       = max(x, 0) - t * x + log1p(e)
-    dloss/dx   = sigmoid(x) - t,  sigmoid(x) = 1 / (1 + e) if x >= 0 else e / (1 + e)
+    dloss/dx   = (1 - t) * sigmoid(x) - t * sigmoid(-x)
+    sigmoid(x) = 1 / (1 + e) if x >= 0 else e / (1 + e),  sigmoid(-x) = 1 - sigmoid(x) likewise
 
-Nothing exponentiates a positive number, so loss and gradient are finite for any finite x
-(+-1e4 included). Math is float32 (float64 for float64 inputs, so gradcheck runs fused).
+The gradient is never formed as sigmoid(x) - t: for t = 1 and x = 17 that difference rounds to 0
+in fp32 where the exact value is -sigmoid(-17) = -4.1e-8. Written as above, each term is a
+product of a target weight and a sigmoid computed to full relative precision, so every gradient
+keeps its relative precision at any logit: to the last bits for hard targets (one term is 0),
+up to the cancellation inherent in the value near sigmoid(x) = t for soft ones. Nothing
+exponentiates a positive number, so loss and gradient are finite for any finite x (+-1e4
+included). Math is float32 (float64 for float64 inputs, so gradcheck runs fused).
 The GAN losses are BCE with constant targets and signed weights:
 
     D loss            = mean BCE(real, 1 - smoothing) + mean BCE(fake, 0)
@@ -30,9 +36,8 @@ import triton.language as tl
 
 from ._common import acc_dtype, tl_acc_dtype
 
-# A GAN loss sees one logit per sample (a few thousand at most): one program walks both inputs
-# in BLOCK-sized steps, so the loss, both gradients and the D(x) / D(G(z)) means come out of a
-# single launch with no second reduction.
+# Logits per program of the GAN losses: a DCGAN batch is one program, PatchGAN logits
+# (256 x 1 x 30 x 30 = 230400) spread over 225 programs per input.
 GAN_BLOCK = 1024
 
 
@@ -51,41 +56,54 @@ def _bce_loss_grad_sigmoid(x, t):
     exact = one_plus_e == 1.0
     log1p_e = tl.where(exact, e, tl.log(one_plus_e) * (e / tl.where(exact, 1.0, one_plus_e - 1.0)))
     loss = tl.maximum(x, 0.0) - t * x + log1p_e
-    sig = tl.where(x >= 0, 1.0 / one_plus_e, e / one_plus_e)
-    return loss, sig - t, sig
+    positive = x >= 0
+    sig = tl.where(positive, 1.0, e) / one_plus_e
+    sig_neg = tl.where(positive, e, 1.0) / one_plus_e  # sigmoid(-x), not 1 - sigmoid(x)
+    return loss, (1.0 - t) * sig - t * sig_neg, sig
 
 
 @triton.jit
-def _bce_segment(x_ptr, grad_ptr, numel, target, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """Walk x[0:numel] with a constant target: store dloss/dx, return (sum loss, sum sigmoid)."""
-    loss_acc = tl.zeros([BLOCK], dtype=ACC)
-    sig_acc = tl.zeros([BLOCK], dtype=ACC)
-    for start in range(0, numel, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < numel
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        loss, grad, sig = _bce_loss_grad_sigmoid(x, target)
-        tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
-        loss_acc += tl.where(mask, loss, 0.0)
-        sig_acc += tl.where(mask, sig, 0.0)
-    return tl.sum(loss_acc, axis=0), tl.sum(sig_acc, axis=0)
+def _gan_loss_fwd_kernel(real_ptr, fake_ptr, grad_ptr, partial_ptr, n_real, n_fake, n_real_chunks,
+                         n_chunks, real_target, fake_target, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """One BLOCK of real (programs [0, n_real_chunks)) or fake logits (the rest) against a constant
+    target: store dloss/dx (real at grad[0, n_real), fake at grad[n_real, n_real + n_fake)) and the
+    chunk's (sum loss, sum sigmoid) at partial[0, pid], partial[1, pid] (partial is (2, n_chunks))."""
+    pid = tl.program_id(0).to(tl.int64)
+    is_real = pid < n_real_chunks
+    offs = tl.where(is_real, pid, pid - n_real_chunks) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < tl.where(is_real, n_real, n_fake)
+    x = tl.load(tl.where(is_real, real_ptr, fake_ptr) + offs, mask=mask, other=0.0).to(ACC)
+    loss, grad, sig = _bce_loss_grad_sigmoid(x, tl.where(is_real, real_target, fake_target))
+    grad_offs = tl.where(is_real, offs, n_real + offs)
+    tl.store(grad_ptr + grad_offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    tl.store(partial_ptr + pid, tl.sum(tl.where(mask, loss, 0.0), axis=0))
+    tl.store(partial_ptr + n_chunks + pid, tl.sum(tl.where(mask, sig, 0.0), axis=0))
 
 
 @triton.jit
-def _gan_loss_fwd_kernel(real_ptr, fake_ptr, grad_ptr, loss_ptr, stats_ptr,
-                         n_real, n_fake, real_target, fake_target, real_weight, fake_weight,
-                         BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """loss = real_weight * sum BCE(real, real_target) + fake_weight * sum BCE(fake, fake_target).
-
-    grad holds dloss/dx for real (elements [0, n_real)) then fake ([n_real, n_real + n_fake));
-    stats = [mean sigmoid(real), mean sigmoid(fake)] (0 for an empty input).
-    """
-    real_loss, real_sig = _bce_segment(real_ptr, grad_ptr, n_real, real_target, BLOCK, ACC)
-    fake_loss, fake_sig = _bce_segment(fake_ptr, grad_ptr + n_real, n_fake, fake_target, BLOCK, ACC)
-    loss = real_weight * real_loss + fake_weight * fake_loss
+def _gan_loss_sum_kernel(partial_ptr, loss_ptr, stats_ptr, n_real, n_fake, n_real_chunks, n_chunks,
+                         real_weight, fake_weight, BLOCK: tl.constexpr):
+    """loss = real_weight * sum real losses + fake_weight * sum fake losses, and
+    stats = [mean sigmoid(real), mean sigmoid(fake)] (0 for an empty input), summing the chunk
+    partials of :func:`_gan_loss_fwd_kernel` in a fixed order."""
+    real_loss = tl.zeros([BLOCK], dtype=partial_ptr.dtype.element_ty)
+    fake_loss = tl.zeros_like(real_loss)
+    real_sig = tl.zeros_like(real_loss)
+    fake_sig = tl.zeros_like(real_loss)
+    for start in range(0, n_chunks, BLOCK):
+        chunks = start + tl.arange(0, BLOCK)
+        mask = chunks < n_chunks
+        is_real = chunks < n_real_chunks
+        loss = tl.load(partial_ptr + chunks, mask=mask, other=0.0)
+        sig = tl.load(partial_ptr + n_chunks + chunks, mask=mask, other=0.0)
+        real_loss += tl.where(is_real, loss, 0.0)
+        fake_loss += tl.where(is_real, 0.0, loss)
+        real_sig += tl.where(is_real, sig, 0.0)
+        fake_sig += tl.where(is_real, 0.0, sig)
+    loss = real_weight * tl.sum(real_loss, axis=0) + fake_weight * tl.sum(fake_loss, axis=0)
     tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
-    tl.store(stats_ptr, real_sig / tl.maximum(n_real, 1).to(tl.float32))
-    tl.store(stats_ptr + 1, fake_sig / tl.maximum(n_fake, 1).to(tl.float32))
+    tl.store(stats_ptr, (tl.sum(real_sig, axis=0) / tl.maximum(n_real, 1)).to(tl.float32))
+    tl.store(stats_ptr + 1, (tl.sum(fake_sig, axis=0) / tl.maximum(n_fake, 1)).to(tl.float32))
 
 
 @triton.jit
@@ -142,7 +160,10 @@ def _scale_grad_kernel(grad_ptr, grad_output_ptr, out_ptr, n_cols, n_chunks, go_
 def gan_loss_forward(real: torch.Tensor | None, fake: torch.Tensor, real_target: float,
                      fake_target: float, real_weight: float, fake_weight: float
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One launch: the weighted BCE of real and fake logits, dloss/dx of both, and the D means.
+    """The weighted BCE of real and fake logits, dloss/dx of both, and the D means.
+
+    Two launches: one program per GAN_BLOCK logits of either input, then a fixed-order sum of
+    their partials (no atomics: bit-identical reruns).
 
     Args:
         real: contiguous logits on real data, or None (the generator's loss sees only fakes).
@@ -158,13 +179,18 @@ def gan_loss_forward(real: torch.Tensor | None, fake: torch.Tensor, real_target:
     """
     n_real = 0 if real is None else real.numel()
     n_fake = fake.numel()
+    n_real_chunks = triton.cdiv(n_real, GAN_BLOCK)
+    n_chunks = n_real_chunks + triton.cdiv(n_fake, GAN_BLOCK)
     grad = torch.empty(n_real + n_fake, dtype=fake.dtype, device=fake.device)
+    partial = torch.empty((2, n_chunks), dtype=acc_dtype(fake.dtype), device=fake.device)
+    _gan_loss_fwd_kernel[(n_chunks,)](
+        fake if real is None else real, fake, grad, partial, n_real, n_fake, n_real_chunks, n_chunks,
+        real_target, fake_target, BLOCK=GAN_BLOCK, ACC=tl_acc_dtype(fake.dtype), num_warps=4)
     loss = torch.empty((), dtype=fake.dtype, device=fake.device)
     stats = torch.empty(2, dtype=torch.float32, device=fake.device)
-    _gan_loss_fwd_kernel[(1,)](
-        fake if real is None else real, fake, grad, loss, stats, n_real, n_fake,
-        real_target, fake_target, real_weight, fake_weight, BLOCK=GAN_BLOCK,
-        ACC=tl_acc_dtype(fake.dtype), num_warps=4)
+    _gan_loss_sum_kernel[(1,)](partial, loss, stats, n_real, n_fake, n_real_chunks, n_chunks,
+                               real_weight, fake_weight,
+                               BLOCK=min(1024, triton.next_power_of_2(n_chunks)), num_warps=4)
     return loss, stats, grad
 
 

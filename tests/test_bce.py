@@ -71,6 +71,51 @@ def test_bce_tiny_losses_keep_relative_precision():
     assert rel_err(out, ref) < FP32_TOL
 
 
+def _logits_over_the_range() -> torch.Tensor:
+    """Logits covering [-1e4, 1e4]: a uniform grid, log-spaced magnitudes of both signs and the
+    values where sigmoid(x) - 1 loses its digits in fp32 (15, 17, ...)."""
+    magnitudes = torch.logspace(-3, 4, 701)
+    special = torch.tensor([15.0, 17.0, 20.0, 30.0, 50.0, 80.0, 87.0, 88.0, 100.0, 1e4])
+    grid = torch.linspace(-1e4, 1e4, 4001)
+    return torch.cat([grid, magnitudes, -magnitudes, special, -special, torch.zeros(1)])
+
+
+def _assert_exact_gradient(got, x, t, weight=1.0):
+    """Per element: got = weight * ((1 - t) sigmoid(x) - t sigmoid(-x)) to 1e-5 relative to the
+    magnitude of the two terms (which is the value itself whenever t is 0 or 1), wherever that
+    magnitude is a normal fp32 number."""
+    x, t = x.detach().double(), torch.as_tensor(t, dtype=torch.float64)
+    pos, neg = weight * (1 - t) * torch.sigmoid(x), weight * t * torch.sigmoid(-x)
+    err = (got.double() - (pos - neg)).abs()
+    bound = FP32_TOL * (pos.abs() + neg.abs()) + torch.finfo(torch.float32).tiny
+    worst = (err / bound).argmax()
+    assert (err <= bound).all(), (f"logit {x.flatten()[worst].item()}: got {got.flatten()[worst].item()}, "
+                                  f"exact {(pos - neg).flatten()[worst].item()}")
+
+
+@pytest.mark.parametrize("target", ["zeros", "ones", "smoothed", "random"])
+def test_bce_gradient_keeps_relative_precision_at_any_logit(target):
+    # sigmoid(x) - 1 would give -3.58e-7 at x = 15 (exact -3.06e-7) and 0 from 17 up (exact -4.1e-8).
+    logits = _logits_over_the_range().requires_grad_()
+    t = {"zeros": torch.zeros_like(logits), "ones": torch.ones_like(logits),
+         "smoothed": torch.full_like(logits, 0.9), "random": torch.rand_like(logits)}[target]
+    (grad,) = torch.autograd.grad(F.bce_with_logits(logits, t, reduction="sum"), logits)
+    _assert_exact_gradient(grad, logits, t)
+
+
+def test_gan_gradients_keep_relative_precision_at_any_logit():
+    logits = _logits_over_the_range().requires_grad_()
+    n = logits.numel()
+    (grad,) = torch.autograd.grad(F.gan_g_loss(logits).loss, logits)
+    _assert_exact_gradient(grad, logits, 1.0, weight=1.0 / n)
+    (grad,) = torch.autograd.grad(F.gan_g_loss(logits, saturating=True).loss, logits)
+    _assert_exact_gradient(grad, logits, 0.0, weight=-1.0 / n)
+    fake = logits.detach()[::2].clone().requires_grad_()
+    real_grad, fake_grad = torch.autograd.grad(F.gan_d_loss(logits, fake, label_smoothing=0.1).loss, (logits, fake))
+    _assert_exact_gradient(real_grad, logits, 0.9, weight=1.0 / n)
+    _assert_exact_gradient(fake_grad, fake, 0.0, weight=1.0 / fake.numel())
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "transposed_view", "target_other_layout"])
 def test_bce_accepts_any_layout(layout):
     logits = torch.randn(3, 5, 6, 7)
@@ -217,20 +262,52 @@ def test_gan_losses_gradcheck_float64():
         assert torch.autograd.gradcheck(lambda f: F.gan_g_loss(f, saturating=saturating).loss, (fake,))
 
 
-def test_gan_d_loss_runs_one_kernel_launch_forward(monkeypatch):
+def _launch_grids(monkeypatch, kernel_name):
+    """Record the grid of every launch of kernels/bce.py's ``kernel_name``."""
     from fastgen.kernels import bce
 
-    launches = []
-    original = bce._gan_loss_fwd_kernel
+    grids = []
+    original = getattr(bce, kernel_name)
 
-    class Counting:
+    class Recording:
         def __getitem__(self, grid):
-            launches.append(grid)
+            grids.append(grid)
             return original[grid]
 
-    monkeypatch.setattr(bce, "_gan_loss_fwd_kernel", Counting())
-    F.gan_d_loss(torch.randn(8), torch.randn(8))
-    assert launches == [(1,)]
+    monkeypatch.setattr(bce, kernel_name, Recording())
+    return grids
+
+
+def test_gan_loss_forward_spreads_patchgan_logits_over_programs(monkeypatch):
+    # 256 x 1 x 30 x 30 PatchGAN logits per input: one program per GAN_BLOCK logits of each.
+    from fastgen.kernels import bce
+
+    grids = _launch_grids(monkeypatch, "_gan_loss_fwd_kernel")
+    F.gan_d_loss(torch.randn(256, 1, 30, 30), torch.randn(256, 1, 30, 30))
+    F.gan_g_loss(torch.randn(256, 1, 30, 30))
+    per_input = -(-256 * 900 // bce.GAN_BLOCK)
+    assert grids == [(2 * per_input,), (per_input,)]
+
+
+@pytest.mark.parametrize("n_real, n_fake", [(1, 1), (1000, 1), (1, 1000), (230_401, 1000), (1000, 230_401)])
+def test_gan_losses_split_over_programs_match_reference_and_repeat_bit_for_bit(n_real, n_fake):
+    real = (torch.randn(n_real) * 4).requires_grad_()
+    fake = (torch.randn(n_fake) * 4).requires_grad_()
+
+    def run():
+        d = F.gan_d_loss(real, fake, label_smoothing=0.1)
+        g = F.gan_g_loss(fake)
+        grads = torch.autograd.grad(d.loss + g.loss, (real, fake))
+        return (d.loss, d.d_real, d.d_fake, g.loss, g.d_fake, *grads)
+
+    first, second = run(), run()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    real64, fake64 = real.detach().double().requires_grad_(), fake.detach().double().requires_grad_()
+    d_ref = R.gan_d_loss(real64, fake64, label_smoothing=0.1)
+    g_ref = R.gan_g_loss(fake64)
+    ref_grads = torch.autograd.grad(d_ref.loss + g_ref.loss, (real64, fake64))
+    for got, want in zip(first, (d_ref.loss, d_ref.d_real, d_ref.d_fake, g_ref.loss, g_ref.d_fake, *ref_grads)):
+        assert rel_err(got, want) < FP32_TOL
 
 
 def test_modules_use_the_fused_ops():
