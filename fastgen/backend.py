@@ -5,12 +5,25 @@ Backends:
 - ``"auto"`` (default): Triton when every tensor of the call is on CUDA and triton imports (or,
   with ``TRITON_INTERPRET=1``, on CPU tensors too: that is how the tests run the kernels); the
   reference otherwise. A Triton failure (compile error, unsupported dtype, ...) warns once,
-  is remembered for that op, and the call falls back to the reference.
+  is remembered for that op, and the call falls back to the reference. Running out of memory
+  (``torch.OutOfMemoryError``, the same class as ``torch.cuda.OutOfMemoryError``, and
+  ``MemoryError``) is not a failure of the kernel: it propagates and the op keeps its kernel.
+  ``KeyboardInterrupt`` and ``SystemExit`` are not ``Exception`` and are never caught.
 - ``"triton"``: always Triton; a failure raises.
 - ``"reference"``: always the reference in :mod:`fastgen.reference`.
 
 The choice comes from, in order: the innermost :func:`use_backend` context, the environment
 variable ``FASTGEN_BACKEND``, then ``"auto"``.
+
+Fused backwards. :func:`dispatch` chooses the path in the forward; the backward of a Triton
+forward must run its Triton backward, which can fail too (a backward kernel is compiled on first
+use). Run it through :func:`guard`: under "auto" a failure warns once and marks the op failed,
+so that every later call runs the reference forward and backward, and this backward returns the
+reference's gradients when the caller can compute them (``reference_impl``, typically a vjp of
+the reference on the inputs the forward saved); without them the error propagates, since the
+Triton forward saved only what its own backward needs. Under "triton" the failure raises. Pass
+the backend the forward ran under (``get_backend()`` saved in the forward): autograd runs CUDA
+backwards on its own threads, which do not see the forward's :func:`use_backend` context.
 """
 
 from __future__ import annotations
@@ -108,14 +121,48 @@ def dispatch(op: str, tensors: tuple[torch.Tensor, ...], triton_impl: Callable[[
         return triton_impl()
     if op in _failed_ops or not triton_available() or not _triton_can_run_on(tensors):
         return reference_impl()
+    return _auto(op, triton_impl, reference_impl)
+
+
+def guard(op: str, triton_impl: Callable[[], T], reference_impl: Callable[[], T] | None = None, *,
+          backend: str | None = None) -> T:
+    """Run a Triton step of ``op`` that :func:`dispatch` did not choose itself: a fused backward.
+
+    Args:
+        op: the op's name, as given to :func:`dispatch` (a failure here disables its forward too).
+        triton_impl: runs the Triton step.
+        reference_impl: computes the same result on the reference path, or None when the caller
+            cannot (the failure then propagates, after being remembered under "auto").
+        backend: the backend the op's forward ran under; defaults to :func:`get_backend`.
+
+    Under "auto" a failure warns once, is remembered for ``op`` and returns ``reference_impl()``;
+    running out of memory propagates. Under any other backend a failure raises.
+    """
+    if (backend or get_backend()) != "auto":
+        return triton_impl()
+    return _auto(op, triton_impl, reference_impl)
+
+
+# Out of memory says nothing about the kernel: the reference would need memory too, and the fix
+# (a smaller batch, freeing caches) is the caller's.
+_NOT_KERNEL_FAILURES = (torch.OutOfMemoryError, MemoryError)
+
+
+def _auto(op: str, triton_impl: Callable[[], T], reference_impl: Callable[[], T] | None) -> T:
+    """"auto"'s handling of a Triton failure: warn once, remember, fall back (or re-raise)."""
     try:
         return triton_impl()
+    except _NOT_KERNEL_FAILURES:
+        raise
     except Exception as err:  # the Triton path failed; "auto" promises a working op regardless
-        _failed_ops[op] = f"{type(err).__name__}: {err}"
-        warnings.warn(
-            f"fastgen.{op}: the Triton kernel failed ({_failed_ops[op]}); falling back to the "
-            f"PyTorch reference for the rest of this process. Set FASTGEN_BACKEND=triton to raise "
-            f"instead.", RuntimeWarning, stacklevel=3)
+        if op not in _failed_ops:
+            _failed_ops[op] = f"{type(err).__name__}: {err}"
+            warnings.warn(
+                f"fastgen.{op}: the Triton kernel failed ({_failed_ops[op]}); falling back to the "
+                f"PyTorch reference for the rest of this process. Set FASTGEN_BACKEND=triton to "
+                f"raise instead.", RuntimeWarning, stacklevel=4)
+        if reference_impl is None:
+            raise
         return reference_impl()
 
 

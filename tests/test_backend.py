@@ -82,6 +82,65 @@ def test_auto_warns_once_remembers_and_falls_back(monkeypatch):
     assert _grad_fn_name(F.gan_g_loss(torch.randn(4, requires_grad=True)).loss) == "_GANLossBackward"
 
 
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory"), MemoryError()])
+def test_auto_lets_out_of_memory_through_and_keeps_the_kernel(monkeypatch, error):
+    from fastgen.kernels import bce
+
+    def out_of_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(bce, "bce_forward", out_of_memory)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning either
+        with pytest.raises(type(error)):
+            _loss()
+    assert backend.failed_ops() == {}
+    monkeypatch.undo()  # memory is back: the next call runs the kernel
+    assert _grad_fn_name(_loss()) == "_BCEWithLogitsBackward"
+
+
+def _failing(error=RuntimeError("simulated backward failure")):
+    def run():
+        raise error
+    return run
+
+
+def test_guard_runs_the_triton_step_when_it_works():
+    assert backend.guard("op", lambda: "triton", lambda: "reference", backend="auto") == "triton"
+    assert backend.failed_ops() == {}
+
+
+def test_guard_under_auto_falls_back_remembers_and_disables_the_forward():
+    with pytest.warns(RuntimeWarning, match="fastgen.bce_with_logits.*simulated backward failure"):
+        assert backend.guard("bce_with_logits", _failing(), lambda: "reference") == "reference"
+    assert "simulated backward failure" in backend.failed_ops()["bce_with_logits"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # remembered: no second warning
+        assert backend.guard("bce_with_logits", _failing(), lambda: "reference") == "reference"
+    assert _grad_fn_name(_loss()) == "MeanBackward0"  # later forwards run the reference
+
+
+def test_guard_without_a_reference_remembers_then_raises():
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="simulated backward failure"):
+        backend.guard("bce_with_logits", _failing())
+    assert "bce_with_logits" in backend.failed_ops()
+
+
+def test_guard_takes_the_forward_backend_over_the_current_one():
+    # The forward ran under "triton": its backward raises, even where the thread's backend is auto.
+    with pytest.raises(RuntimeError, match="simulated backward failure"):
+        backend.guard("op", _failing(), lambda: "reference", backend="triton")
+    with fastgen.use_backend("triton"), pytest.warns(RuntimeWarning):
+        assert backend.guard("op", _failing(), lambda: "reference", backend="auto") == "reference"
+    assert list(backend.failed_ops()) == ["op"]
+
+
+def test_guard_lets_out_of_memory_through():
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        backend.guard("op", _failing(torch.cuda.OutOfMemoryError("CUDA out of memory")), lambda: "reference")
+    assert backend.failed_ops() == {}
+
+
 def test_triton_backend_raises_instead_of_falling_back(monkeypatch):
     _break_kernel(monkeypatch)
     with fastgen.use_backend("triton"), pytest.raises(RuntimeError, match="simulated compile failure"):
