@@ -1,4 +1,4 @@
-"""The command line: ``python -m fastgen train | sample | eval`` (also installed as ``fastgen``).
+"""The command line: ``python -m fastgen train | sample | eval | profile`` (also installed as ``fastgen``).
 
 ``python -m fastgen train`` with no arguments is the main job: a DCGAN on Fashion-MNIST 32x32
 (from the Debian package ``dataset-fashion-mnist``), a few minutes on a laptop CPU.
@@ -20,13 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastgen.backend import BACKENDS
+from fastgen.backend import BACKENDS, interpreter_enabled
 from fastgen.data import DEFAULT_FASHION_MNIST_DIR, MIXTURE2D_NAMES
 from fastgen.models.gan import CONDITIONINGS
 from fastgen.models.losses import GAN_LOSSES
+from fastgen.profile import profile_trainer, write_summary
 from fastgen.train.checkpoint import CheckpointError
 from fastgen.train.config import ARCHS, DEFAULTS, DEVICES, LIKELIHOODS, MODELS, RESUME_OPTIONS, TrainConfig
-from fastgen.train.factory import MNIST_CLASSES
+from fastgen.train.factory import MNIST_CLASSES, resolve_device
 from fastgen.train.inference import CHECKPOINT_FILE, evaluate, generate, load_run, save_sample_picture
 from fastgen.train.trainer import NonFiniteLossError, Trainer
 
@@ -121,6 +122,10 @@ _TRAIN_OPTIONS: dict[str, tuple[dict[str, Any], str]] = {
 }
 
 
+# Train options that `profile` does not take: it runs its own steps and writes no run directory.
+_NOT_PROFILE_OPTIONS = ("steps", "out_dir", "log_every", "sample_every", "checkpoint_every")
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line on stderr, exit code 2."""
 
@@ -134,17 +139,14 @@ def _default_text(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _build_parser() -> _Parser:
-    parser = _Parser(prog="fastgen", description="Train and use generative models (GANs, AE, VAE) with fastgen.")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
-
-    train = commands.add_parser("train", help="train a model (default: DCGAN on Fashion-MNIST)",
-                                description="Train a model. With no MODEL: gan, the main job.")
-    models = train.add_subparsers(dest="model", metavar="MODEL", parser_class=_Parser)
+def _add_model_parsers(command: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> list[_Parser]:
+    """One subcommand of ``command`` per model, with the train options that model takes (less ``skip``)."""
+    models = command.add_subparsers(dest="model", metavar="MODEL", parser_class=_Parser)
+    parsers = []
     for model in MODELS:
         sub = models.add_parser(model, help=_MODEL_HELP[model], description=_MODEL_HELP[model])
         for name, (kwargs, text) in _TRAIN_OPTIONS.items():
-            if name not in DEFAULTS[model]:
+            if name not in DEFAULTS[model] or name in skip:
                 continue
             default = DEFAULTS[model][name]
             if name == "hidden" and model in ("ae", "vae"):
@@ -153,11 +155,38 @@ def _build_parser() -> _Parser:
             if name not in ("data_dir", "out_dir"):
                 text += f" (default: {_default_text(default)})"
             sub.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=text, **kwargs)
-        sub.add_argument("--resume", metavar="CHECKPOINT", help="continue the run of this checkpoint file or run "
-                         f"directory; only {', '.join(RESUME_OPTIONS)} may change")
         sub.add_argument("--threads", type=_positive_int, metavar="N",
                          help="CPU threads of PyTorch (default: one per core; 1 is faster on a busy machine)")
+        parsers.append(sub)
+    return parsers
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(prog="fastgen", description="Train and use generative models (GANs, AE, VAE) with fastgen.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
+
+    train = commands.add_parser("train", help="train a model (default: DCGAN on Fashion-MNIST)",
+                                description="Train a model. With no MODEL: gan, the main job.")
+    for sub in _add_model_parsers(train):
+        sub.add_argument("--resume", metavar="CHECKPOINT", help="continue the run of this checkpoint file or run "
+                         f"directory; only {', '.join(RESUME_OPTIONS)} may change")
         sub.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+    profile = commands.add_parser(
+        "profile", help="profile training steps (torch.profiler, NVTX, NVML)",
+        description="Build MODEL and its data as `train` does, run warm-up steps, time N steps, then profile N "
+                    "steps with torch.profiler (and NVML on CUDA). Writes trace.json (chrome://tracing, "
+                    "ui.perfetto.dev), summary.md, summary.json and, on CUDA, nvml.csv and nvml.png; prints "
+                    "the summary. With no MODEL: gan.")
+    for sub in _add_model_parsers(profile, skip=_NOT_PROFILE_OPTIONS):
+        sub.add_argument("--steps", type=_positive_int, default=5, metavar="N",
+                         help="profiled steps (default: 5)")
+        sub.add_argument("--warmup", type=_non_negative_int, default=3, metavar="N",
+                         help="untimed steps first: compilation, autotuning (default: 3)")
+        sub.add_argument("--out", metavar="DIR", help="profile directory (default: profiles/MODEL-DATE-TIME)")
+        sub.add_argument("--compare-backends", action="store_true",
+                         help="profile the same steps with --backend reference and --backend triton, side by "
+                              "side in one summary")
 
     sample = commands.add_parser("sample", help="draw samples from a checkpoint",
                                  description="Write a PNG grid of samples (or raw samples with --out X.npy) "
@@ -229,6 +258,37 @@ def _train(trainer: Trainer) -> int:
     return 0
 
 
+def _prepare_profile(args: argparse.Namespace) -> dict[str, Trainer]:
+    """The trainers to profile, by label: the run's backend, or reference and triton side by side."""
+    options = {name: getattr(args, name) for name in DEFAULTS[args.model]
+               if name not in _NOT_PROFILE_OPTIONS and getattr(args, name) is not None}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.compare_backends:
+        config = TrainConfig.resolve(args.model, **options)
+        return {config.backend: Trainer.create(config, progress=False)}
+    if "backend" in options:
+        raise ValueError("compare-backends: runs both backends; leave out --backend")
+    configs = [TrainConfig.resolve(args.model, **options, backend=backend) for backend in ("reference", "triton")]
+    if resolve_device(configs[0].device).type != "cuda" and not interpreter_enabled():
+        raise ValueError("compare-backends: the triton backend needs a CUDA device (or TRITON_INTERPRET=1 for "
+                         "Triton's CPU interpreter)")
+    return {config.backend: Trainer.create(config, progress=False) for config in configs}
+
+
+def _profile(args: argparse.Namespace, trainers: dict[str, Trainer]) -> int:
+    out = Path(args.out or f"profiles/{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    device = next(iter(trainers.values())).device
+    print(f"profiling {args.model} on {device.type} ({', '.join(trainers)}): {args.warmup} warm-up steps, then "
+          f"{args.steps} timed and {args.steps} profiled steps; profile directory {out}", flush=True)
+    labelled = len(trainers) > 1
+    runs = {label: profile_trainer(trainer, steps=args.steps, warmup=args.warmup, out_dir=out,
+                                   label=label if labelled else None)
+            for label, trainer in trainers.items()}
+    print(write_summary(runs, out, title=f"fastgen profile {args.model}"))
+    return 0
+
+
 def _sample(args: argparse.Namespace) -> int:
     config, models, _ = load_run(args.checkpoint, args.device)
     if config.model == "ae":
@@ -264,15 +324,19 @@ def _evaluate(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 1 training diverged, 2 bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    # `train` alone (or followed by options) trains the default model.
-    if argv[:1] == ["train"] and (len(argv) == 1 or (argv[1].startswith("-") and argv[1] not in ("-h", "--help"))):
+    # `train` or `profile` alone (or followed by options) runs the default model.
+    if argv[:1] in (["train"], ["profile"]) and (len(argv) == 1 or (argv[1].startswith("-")
+                                                                     and argv[1] not in ("-h", "--help"))):
         argv.insert(1, "gan")
     args = _build_parser().parse_args(argv)
-    command = {"train": _prepare_training, "sample": _sample, "eval": _evaluate}[args.command]
+    command = {"train": _prepare_training, "profile": _prepare_profile, "sample": _sample,
+               "eval": _evaluate}[args.command]
     try:
         result = command(args)
     except (ValueError, FileNotFoundError, CheckpointError) as err:
         print(f"fastgen {args.command}: error: {err}", file=sys.stderr)
         return 2
-    # Training runs outside that handler: past setup, an exception is a bug and keeps its traceback.
+    # Training and profiling run outside that handler: past setup, an exception is a bug and keeps its traceback.
+    if args.command == "profile":
+        return _profile(args, result)
     return _train(result) if args.command == "train" else result

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from fastgen.backend import use_backend
 from fastgen.data import BatchSampler
 from fastgen.models.losses import GANObjective, gradient_penalty, r1_penalty
+from fastgen.profile import phase
 from fastgen.train.checkpoint import (CheckpointError, atomic_write_bytes, capture_rng_state, load_checkpoint,
                                       restore_rng_state, save_checkpoint)
 from fastgen.train.config import RESUME_OPTIONS, TrainConfig
@@ -45,6 +46,9 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 # EMA decay warms up as (1 + step) / (10 + step) so early weights do not linger in short runs.
 _EMA_WARMUP = 10
+# The profiler ranges (fastgen.profile.phase) of each optimizer's backward and update.
+_UPDATE_PHASES = {"discriminator": ("D backward", "D optimizer"), "generator": ("G backward", "G optimizer"),
+                  "model": ("backward", "optimizer")}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -250,16 +254,19 @@ class Trainer:
     def _apply(self, optimizer: str, loss: Tensor, logged: dict[str, Tensor]) -> dict[str, float]:
         """Backward ``loss``, check the logged values (one device sync), then step ``optimizer``."""
         opt = self.optimizers[optimizer]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        values = dict(zip(logged, torch.stack([t.detach().float() for t in logged.values()]).tolist()))
-        bad = [f"{name}={value}" for name, value in values.items() if not math.isfinite(value)]
-        if bad:
-            kept = (f"the last good checkpoint is {self.checkpoint_file} (step {self.saved_step})"
-                    if self.saved_step is not None else "no checkpoint had been written yet")
-            raise NonFiniteLossError(f"step {self.step + 1}: non-finite {', '.join(bad)}; stopped before "
-                                     f"applying this update; {kept}")
-        opt.step()
+        backward, update = _UPDATE_PHASES[optimizer]
+        with phase(backward):
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        with phase(update):
+            values = dict(zip(logged, torch.stack([t.detach().float() for t in logged.values()]).tolist()))
+            bad = [f"{name}={value}" for name, value in values.items() if not math.isfinite(value)]
+            if bad:
+                kept = (f"the last good checkpoint is {self.checkpoint_file} (step {self.saved_step})"
+                        if self.saved_step is not None else "no checkpoint had been written yet")
+                raise NonFiniteLossError(f"step {self.step + 1}: non-finite {', '.join(bad)}; stopped before "
+                                         f"applying this update; {kept}")
+            opt.step()
         return values
 
     def _drop_metrics_after(self, step: int) -> None:
@@ -323,11 +330,12 @@ class GANTrainer(Trainer):
         cfg = self.config
         if cfg.r1_gamma:
             real.requires_grad_(True)
-        with self._autocast():
+        with self._autocast(), phase("D forward"):
             # R1 differentiates the real pass twice; fastgen's fused Triton ops are differentiable once.
             with use_backend("reference") if cfg.r1_gamma else contextlib.nullcontext():
                 real_logits, real_classes = self._discriminate(real, labels)
             fake_logits, fake_classes = self._discriminate(fake, labels)
+        with self._autocast(), phase("D loss"):
             out = self.objective.d_loss(real_logits, fake_logits)
             loss = out.loss
             logged = {"d_loss": out.loss, "d_real": out.d_real, "d_fake": out.d_fake}
@@ -347,7 +355,8 @@ class GANTrainer(Trainer):
         discriminator = self.models["discriminator"]
         discriminator.requires_grad_(False)  # G's step needs gradients through D, not for D's weights
         try:
-            with self._autocast():
+            # G's loss is D's verdict on the generated batch: D's forward pass belongs to it.
+            with self._autocast(), phase("G loss"):
                 fake_logits, fake_classes = self._discriminate(fake, labels)
                 out = self.objective.g_loss(fake_logits)
                 loss = out.loss
@@ -367,12 +376,14 @@ class GANTrainer(Trainer):
             real, labels = self._next_batch(with_labels=self.conditional)
             z = torch.randn(real.shape[0], generator.latent_size, device=self.device)
             # Only the last critic step's fake batch feeds the generator step: keep its graph.
-            with self._autocast(), torch.set_grad_enabled(critic_step == self.config.n_critic - 1):
+            with self._autocast(), torch.set_grad_enabled(critic_step == self.config.n_critic - 1), \
+                    phase("G forward"):
                 fake = generator(z, labels)
             values = self._discriminator_step(real, fake.detach(), labels)
         values |= self._generator_step(fake, labels)
         if self.ema is not None:
-            self.ema.update(min(self.config.ema, (1 + self.step) / (_EMA_WARMUP + self.step)))
+            with phase("EMA"):
+                self.ema.update(min(self.config.ema, (1 + self.step) / (_EMA_WARMUP + self.step)))
         return values
 
 
@@ -389,6 +400,6 @@ class AutoencoderTrainer(Trainer):
 
     def train_step(self) -> dict[str, float]:
         x, _ = self._next_batch()
-        with self._autocast():
+        with self._autocast(), phase("forward"):  # the model's forward pass and its loss
             loss = self.models["model"].loss(x).mean()
         return self._apply("model", loss, {"loss": loss})
