@@ -197,7 +197,7 @@ class NvmlSampler:
         nvml = self._nvml
         if isinstance(self.device, torch.device):
             uuid = torch.cuda.get_device_properties(self.device).uuid
-            return nvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+            return nvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}".encode())  # bytes: every nvidia-ml-py takes them
         return nvml.nvmlDeviceGetHandleByIndex(self.device)
 
     def start(self) -> None:
@@ -226,8 +226,7 @@ class NvmlSampler:
             "gpu_util_pct": lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu,
             "mem_used_mib": lambda: nvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20,
             "temperature_c": lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU),
-            "throttle_reasons": lambda: tuple(name for bit, name in _CLOCK_EVENT_REASONS.items()
-                                              if reasons(handle) & bit),
+            "throttle_reasons": lambda: _reason_names(reasons(handle)),
         }
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, args=(readers,), name="fastgen-nvml", daemon=True)
@@ -281,40 +280,43 @@ class NvmlSampler:
                 "throttle_reasons": active}
 
     def plot(self, path: str | Path, width: int = 900, panel_height: int = 110) -> None:
-        """A PNG of the time series: one panel per field the device reports, and one strip per
-        clock-event reason (a tick where it was active)."""
+        """A PNG of the time series: one panel per field the device reports, then one strip per
+        clock-event reason seen (a tick at each sample where it was active)."""
+        margin, strip = 150, 14  # the margin holds the reason names
         series = {name: [(s["time_s"], s[name]) for s in self.samples if s[name] is not None] for name in NVML_FIELDS}
         series = {name: points for name, points in series.items() if points}
         reasons = sorted({r for s in self.samples for r in (s["throttle_reasons"] or ())})
-        strip = 14
-        margin, top = 60, 18
-        height = len(series) * panel_height + len(reasons) * strip + 30
-        image = Image.new("RGB", (width, max(height, 40)), "white")
+        image = Image.new("RGB", (width, len(series) * panel_height + len(reasons) * strip + 30), "white")
         draw = ImageDraw.Draw(image)
         t_end = max((s["time_s"] for s in self.samples), default=0.0) or 1.0
-        x_of = lambda t: margin + (width - margin - 10) * t / t_end  # noqa: E731
+
+        def x_of(t: float) -> float:
+            return margin + (width - margin - 10) * t / t_end
+
         for row, (name, points) in enumerate(series.items()):
-            y0 = row * panel_height
+            top, bottom = row * panel_height + 18, (row + 1) * panel_height - 8
             values = [v for _, v in points]
             lo, hi = min(values), max(values)
-            span = (hi - lo) or 1.0
-            y_of = lambda v: y0 + panel_height - 8 - (panel_height - top - 12) * (v - lo) / span  # noqa: E731
-            draw.rectangle((margin, y0 + top - 2, width - 10, y0 + panel_height - 6), outline="#bbbbbb")
-            draw.text((4, y0 + 2), f"{name}: min {_number(lo)}  mean {_number(float(np.mean(values)))}  "
-                                   f"max {_number(hi)}", fill="black")
-            draw.line([(x_of(t), y_of(v)) for t, v in points] * (2 if len(points) == 1 else 1), fill="#1f5fbf",
-                      width=2)  # a single sample draws as a dot
+            draw.rectangle((margin, top - 2, width - 10, bottom + 2), outline="#bbbbbb")
+            draw.text((4, top - 16), f"{name}: min {_number(lo)}  mean {_number(float(np.mean(values)))}  "
+                                     f"max {_number(hi)}", fill="black")
+            xy = [(x_of(t), bottom - (bottom - top) * (v - lo) / ((hi - lo) or 1.0)) for t, v in points]
+            draw.line(xy * 2 if len(xy) == 1 else xy, fill="#1f5fbf", width=2)  # one sample: a dot
         y = len(series) * panel_height
         for reason in reasons:
-            draw.text((4, y), reason[:9], fill="black")
+            draw.text((4, y + 1), reason, fill="black")
             for s in self.samples:
                 if reason in (s["throttle_reasons"] or ()):
-                    x = x_of(s["time_s"])
-                    draw.line([(x, y + 2), (x, y + strip - 2)], fill="#c0392b", width=2)
+                    draw.line([(x_of(s["time_s"]), y + 2), (x_of(s["time_s"]), y + strip - 2)], fill="#c0392b",
+                              width=2)
             y += strip
         draw.text((margin, y + 8), f"time (s), 0 to {t_end:.2f}; one sample every {self.interval_s * 1e3:g} ms",
                   fill="black")
         image.save(path)
+
+
+def _reason_names(mask: int) -> tuple[str, ...]:
+    return tuple(name for bit, name in _CLOCK_EVENT_REASONS.items() if mask & bit)
 
 
 def _number(value: float) -> str:
@@ -325,7 +327,7 @@ def _number(value: float) -> str:
 # Profiling a loop
 
 
-def _positive_int(name: str, value: object, minimum: int) -> int:
+def _check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
     return value
@@ -442,10 +444,10 @@ def profile_steps(step_fn: Callable[[], object], *, steps: int = 5, warmup: int 
     """
     if not callable(step_fn):
         raise TypeError(f"step_fn: expected a callable taking no arguments, got {type(step_fn).__name__}")
-    _positive_int("steps", steps, 1)
-    _positive_int("warmup", warmup, 0)
+    _check_int("steps", steps, 1)
+    _check_int("warmup", warmup, 0)
     if images_per_step is not None:
-        _positive_int("images_per_step", images_per_step, 1)
+        _check_int("images_per_step", images_per_step, 1)
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     out = Path(out_dir)
@@ -569,7 +571,8 @@ def format_summary(runs: dict[str, dict[str, Any]], title: str = "fastgen profil
     phases = list(dict.fromkeys(name for run in runs.values() for name in run["phases"]))
     if phases:
         gpu = all(k is not None for k in kernels)
-        header = ["phase", *(f"{label} {side} (ms/step)" for label in labels for side in (("CPU", "GPU") if gpu else ("CPU",)))]
+        sides = ("CPU", "GPU") if gpu else ("CPU",)
+        header = ["phase", *(f"{label} {side} (ms/step)" for label in labels for side in sides)]
         body = []
         for name in phases:
             cells = []
@@ -587,8 +590,9 @@ def format_summary(runs: dict[str, dict[str, Any]], title: str = "fastgen profil
         if run["kernels"] is not None:
             lines += [f"## Top kernels by GPU time ({label})", "",
                       *_table(["kernel", "calls", "total (ms)", "share (%)", "fastgen"],
-                              [[_short(k["name"]), str(k["calls"]), _cell(k["total_ms"]), _cell(100 * k["share"], ".1f"),
-                                "yes" if k["fastgen"] else ""] for k in run["kernels"]["top"]])]
+                              [[_short(k["name"]), str(k["calls"]), _cell(k["total_ms"]),
+                                _cell(100 * k["share"], ".1f"), "yes" if k["fastgen"] else ""]
+                               for k in run["kernels"]["top"]])]
         lines += [f"## Top operators by CPU self time ({label})", "",
                   *_table(["operator", "calls", "self (ms)"],
                           [[_short(op["name"]), str(op["calls"]), _cell(op["self_ms"])] for op in run["cpu_ops"]])]

@@ -123,7 +123,8 @@ def test_profile_bad_input(tmp_path, capsys):
         (["profile", "--steps", "0"], "--steps"),  # no MODEL: gan
         (["profile", "gan2d", "--warmup", "-1"], "--warmup"),
         (["profile", "gan2d", "--out-dir", str(tmp_path)], "unrecognized arguments"),
-        (["profile", "gan2d", "--compare-backends", "--backend", "triton", "--out", str(tmp_path)], "leave out --backend"),
+        (["profile", "gan2d", "--compare-backends", "--backend", "triton", "--out", str(tmp_path)],
+         "leave out --backend"),
     ]
     for argv, needle in cases:
         code, _, err = _run(capsys, *argv)
@@ -182,7 +183,7 @@ def test_phase_costs_next_to_nothing_without_a_profiler():
             with phase("D forward"):
                 pass
         best = min(best, (time.perf_counter() - start) / n)
-    assert best < 1.5e-6, f"{best * 1e6:.2f} us per phase"
+    assert best < 3e-6, f"{best * 1e6:.2f} us per phase"
 
 
 def test_fastgen_kernel_names_come_from_the_kernel_modules():
