@@ -107,7 +107,7 @@ def phase(name: str) -> contextlib.AbstractContextManager:
     torch.profiler trace and Nsight Systems read the same. While no profiler runs it returns a
     shared no-op context (about the cost of a function call), unless ``FASTGEN_NVTX=1`` asks for NVTX.
     """
-    record = torch.autograd._profiler_enabled()
+    record = torch.autograd._profiler_enabled()  # a flag read in C++: no Python-side profiler state
     if not (record or _NVTX_ALWAYS):
         return _NO_RANGE
     return _Range(name, record)

@@ -20,8 +20,8 @@ from PIL import Image
 import fastgen.kernels
 from fastgen.cli import main
 from fastgen.data import write_idx
-from fastgen.profile import (NVML_FIELDS, NvmlSampler, NvmlUnavailable, _kernel_stats, fastgen_kernel_names,
-                             format_summary, phase, profile_steps)
+from fastgen.profile import (NVML_FIELDS, NvmlSampler, NvmlUnavailable, _kernel_stats, _phase_stats,
+                             fastgen_kernel_names, format_summary, phase, profile_steps)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,7 +67,7 @@ def image_dir(tmp_path_factory):
 def test_profile_command_writes_trace_and_summary(tmp_path, capsys):
     out = tmp_path / "prof"
     code, stdout, err = _run(capsys, "profile", "gan2d", "--steps", "3", "--warmup", "1", "--n-critic", "2", *GAN2D,
-                             "--backend", "reference", "--out", str(out))
+                             "--backend", "reference", "--device", "cpu", "--out", str(out))
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["summary.json", "summary.md", "trace.json"]  # no NVML on CPU
     assert stdout.count("CPU only:") == 1 and "no NVTX ranges" in stdout
@@ -90,7 +90,7 @@ def test_profile_command_writes_trace_and_summary(tmp_path, capsys):
 
 
 def test_compare_backends(tmp_path, capsys):
-    """Both backends, side by side (the tests' TRITON_INTERPRET=1 runs the triton one on the CPU)."""
+    """Both backends, side by side (on the CPU, the tests' TRITON_INTERPRET=1 runs the triton one)."""
     out = tmp_path / "cmp"
     code, stdout, err = _run(capsys, "profile", "gan2d", "--steps", "2", "--warmup", "1", *GAN2D,
                              "--compare-backends", "--out", str(out))
@@ -112,7 +112,7 @@ def test_compare_backends(tmp_path, capsys):
 def test_profile_image_models(tmp_path, capsys, image_dir, model, options, phases):
     out = tmp_path / model
     code, _, err = _run(capsys, "profile", model, "--steps", "1", "--warmup", "1", *options, "--data-dir", image_dir,
-                        "--backend", "reference", "--out", str(out))
+                        "--backend", "reference", "--device", "cpu", "--out", str(out))
     assert code == 0, err
     run = json.loads((out / "summary.json").read_text())["runs"]["reference"]
     assert list(run["phases"]) == list(phases)
@@ -216,6 +216,19 @@ def test_kernel_stats():
     assert stats["top"][0]["total_ms"] == pytest.approx(0.6) and stats["top"][0]["share"] == pytest.approx(0.6 / 1.1)
 
 
+def test_phase_stats_on_the_gpu_timeline():
+    def event(cat, name, ts, dur_us):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur_us}
+    events = [event("user_annotation", "D loss", 50, 30.0), event("gpu_user_annotation", "D loss", 60, 80.0),
+              event("user_annotation", "D forward", 0, 40.0), event("gpu_user_annotation", "D forward", 10, 200.0),
+              event("user_annotation", "D forward", 100, 60.0), event("gpu_user_annotation", "D forward", 120, 100.0),
+              event("user_annotation", "Optimizer.step#Adam.step", 200, 500.0)]
+    stats = _phase_stats(events, {"D forward", "D loss"}, steps=2, cuda=True)
+    assert list(stats) == ["D forward", "D loss"]  # first-appearance order; torch's own ranges are not phases
+    assert stats["D forward"] == pytest.approx({"calls_per_step": 1.0, "cpu_ms": 0.05, "gpu_ms": 0.15})
+    assert stats["D loss"] == pytest.approx({"calls_per_step": 0.5, "cpu_ms": 0.015, "gpu_ms": 0.04})
+
+
 # ----------------------------------------------------------------------------------------------
 # NVML sampler against a fake NVML module
 
@@ -264,7 +277,7 @@ def test_nvml_sampler_with_a_fake_nvml(tmp_path, clock_event_reasons):
     samples = sampler.samples
     assert nvml.calls["init"] == 1 and nvml.calls["shutdown"] == 1
     assert (sampler.device_name, sampler.driver_version) == ("Fake GPU 3", "999.1")
-    assert len(samples) >= 5
+    assert len(samples) >= 5 and nvml.calls["reasons"] == len(samples)  # one NVML read per sample
     times = np.array([s["time_s"] for s in samples])
     assert np.all(np.diff(times) > 0) and 0.005 < np.median(np.diff(times)) < 0.05
     first = samples[0]
