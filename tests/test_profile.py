@@ -5,6 +5,7 @@ sampler at its boundary. The GPU-marked tests run the real NVML and CUDA activit
 """
 
 import csv
+import importlib.util
 import json
 import re
 import threading
@@ -341,6 +342,7 @@ def test_summary_gpu_sections(tmp_path):
 
 @pytest.mark.gpu
 def test_nvml_sampler_on_the_gpu():
+    pytest.importorskip("pynvml", reason="nvidia-ml-py is not installed")
     device = torch.device("cuda")
     x = torch.randn(4096, 4096, device=device)
     with NvmlSampler(device) as sampler:
@@ -360,13 +362,19 @@ def test_profile_command_on_the_gpu(tmp_path, capsys):
     code, stdout, err = _run(capsys, "profile", "gan2d", "--steps", "3", "--warmup", "2", "--compare-backends",
                              "--device", "cuda", "--out", str(out))
     assert code == 0, err
-    assert "CPU only" not in stdout and "## NVML" in stdout
+    assert "CPU only" not in stdout
+    # Without nvidia-ml-py the summary says so in one line and the rest stands.
+    nvml = importlib.util.find_spec("pynvml") is not None
+    assert ("## NVML" in stdout) == nvml and ("no NVML samples: nvidia-ml-py is not installed" in stdout) != nvml
     runs = json.loads((out / "summary.json").read_text())["runs"]
     for label, run in runs.items():
         assert run["kernels"]["launches_per_step"] > 0 and run["peak_memory_mib"] > 0
-        assert run["nvml"]["samples"] > 0 and run["versions"]["driver"]
+        assert list(run["phases"]) == list(GAN_PHASES)
         assert all(p["gpu_ms"] > 0 for p in run["phases"].values()), run["phases"]
-        for name in ("trace", "nvml_csv", "nvml_plot"):
-            assert (out / run["files"][name]).is_file()
+        assert "G forward" in _annotations(out / run["files"]["trace"])
+        if nvml:
+            assert run["nvml"]["samples"] > 0 and run["versions"]["driver"]
+            for name in ("nvml_csv", "nvml_plot"):
+                assert (out / run["files"][name]).is_file()
     assert runs["reference"]["kernels"]["fastgen_share"] == 0
     assert runs["triton"]["kernels"]["fastgen_share"] > 0
