@@ -1,12 +1,21 @@
-"""Benchmark cases shared by the pytest-benchmark suites and ``benchmarks/run.py``.
+"""Benchmark cases shared by the pytest-benchmark suites, ``benchmarks/run.py`` and the GPU session.
 
-A case is one op at one shape and dtype. Each implementation ("fastgen", "eager", "compile",
-"compile-max-autotune", and for conv-BN layers "fastgen-cudnn-gemm": cuDNN's conv with fastgen's
-fused BN statistics and apply around it, the alternative DESIGN.md asks the dispatch to pick
-where it is measured faster) is a *step*: forward and backward on the same inputs, returning the
-loss and the input gradients, so every row does the work of a training step and every row can
-be checked against the float64 reference. Baselines are written the way a PyTorch user writes
-them, in their best dtype, never a strawman.
+A case is one op at one shape and dtype. Each implementation is a *step* on the same inputs:
+
+- "fastgen": fastgen's fused ops (the Triton kernels);
+- "fastgen-compile": the fastgen model inside ``torch.compile`` (whole models and the training
+  step): fastgen ops in a compiled graph, however the ops reach the compiler;
+- "fastgen-cudnn-gemm" (conv-BN layers): cuDNN's conv with fastgen's fused BN statistics and
+  apply around it, the alternative DESIGN.md asks the dispatch to pick where it is faster;
+- "eager": plain PyTorch, written the way a PyTorch user writes it (channels_last, bf16
+  autocast), never a strawman;
+- "compile", "compile-max-autotune": the eager function under ``torch.compile``.
+
+A step is forward and backward, returning the op's outputs and the input gradients, so every row
+does the work of a training step and can be checked against the float64 reference; every
+implementation of a case returns the same outputs (the GAN losses' logging means too), so a
+compiler cannot win by dropping work the others do. A "train" case's step is a whole DCGAN
+training step (both updates, Adam) and returns the losses, logging means and all gradients.
 
 ``smoke=True`` shrinks every shape so the harness runs in seconds on a CPU (through the Triton
 interpreter); its numbers mean nothing.
@@ -16,20 +25,29 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as TF
-from torch import Tensor
+from torch import Tensor, nn
 
 import fastgen
+import fastgen.models
 import fastgen.nn
 from fastgen import functional as F
 from fastgen import reference as R
 
-IMPLS = ("fastgen", "fastgen-cudnn-gemm", "eager", "compile", "compile-max-autotune")
-COMPILE_MODES = {"compile": "default", "compile-max-autotune": "max-autotune"}
+IMPLS = ("fastgen", "fastgen-compile", "fastgen-cudnn-gemm", "eager", "compile", "compile-max-autotune")
+# A compiled implementation: (the implementation it compiles, torch.compile mode).
+COMPILED = {"fastgen-compile": ("fastgen", "default"), "compile": ("eager", "default"),
+            "compile-max-autotune": ("eager", "max-autotune")}
+KINDS = ("op", "layer", "model", "train")  # what a row costs to compile (benchmarks/session.py)
+# Extra rows behind a flag (benchmarks/session.py, run.py --with): the report's bars do not need
+# them, and max-autotune alone costs minutes of compiles per conv shape.
+FLAGS = ("fp32", "fwd", "max-autotune")
+IMPL_FLAGS = {"compile-max-autotune": "max-autotune"}
+EAGER_COMPILED = ("compile", "compile-max-autotune")
 
 Step = Callable[[], tuple[Tensor, ...]]
 Outputs = Tensor | tuple[Tensor, ...]
@@ -41,14 +59,22 @@ class Case:
 
     make_inputs(device) returns the inputs (leaves that require grad where the op has gradients);
     fns maps "fastgen", "eager" and optionally "fastgen-cudnn-gemm" to a function of the inputs
-    returning the op's output(s) (compile rows compile the eager function); each step
-    backpropagates fixed random gradients (:func:`_upstream`) into every output.
+    returning the op's output(s); the compiled implementations in ``compiled`` compile one of
+    them. Each step backpropagates fixed random gradients (:func:`_upstream`) into every output
+    that requires grad. A "train" case instead gets its step from ``build(impl)`` (a fresh
+    model and optimizers per call) and the step does its own backward.
     expected(inputs, outputs) gives the float64 values the step's outputs and input gradients
     should have (see :func:`reference_expected`; a random op derives them from its outputs).
     floor_bytes is the least traffic any implementation needs (read each input, write each
-    output and gradient once); traffic_bytes is what fastgen's kernels actually move, where it
-    is known exactly; flops counts the GEMM work (0 for elementwise ops). ``backward=False``
-    times the forward alone (under no_grad).
+    output and gradient once; 0: not computed); traffic_bytes is what fastgen's kernels actually
+    move, where it is known exactly; flops counts the GEMM work (0 for elementwise ops).
+    ``backward=False`` times the forward alone (under no_grad).
+
+    For the GPU session: kind (one of KINDS) sets what the row costs to compile, with dtype and
+    layers (the DCGAN64_LAYERS a conv row runs; their kernels are shared); flag (one of
+    FLAGS, or None for the rows that decide the bars) names the option that adds the case;
+    images counts the images per step (training steps report images/s); graphable=False skips
+    the CUDA-graph timing; bar = (least speedup vs eager, vs compile) the issues ask for.
     """
 
     family: str
@@ -59,8 +85,23 @@ class Case:
     floor_bytes: int
     traffic_bytes: int | None
     tolerance: float
+    kind: str
+    dtype: torch.dtype = torch.float32
+    layers: tuple[str, ...] = ()
     flops: int = 0
     backward: bool = True
+    compiled: tuple[str, ...] = EAGER_COMPILED
+    build: Callable[[str], Callable[..., Outputs]] | None = None
+    flag: str | None = None
+    images: int = 0
+    graphable: bool = True
+    bar: tuple[float, float | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.flag is not None and self.flag not in FLAGS:
+            raise ValueError(f"flag: expected None or one of {', '.join(FLAGS)}, got {self.flag!r}")
 
     @property
     def group(self) -> str:
@@ -69,11 +110,32 @@ class Case:
     @property
     def impls(self) -> tuple[str, ...]:
         """The implementations this case has, in IMPLS order."""
-        return tuple(i for i in IMPLS if i in self.fns or i in COMPILE_MODES)
+        return tuple(i for i in IMPLS if i in self.fns or i in self.compiled)
+
+
+def select(cases: Iterable[Case], flags: Iterable[str] = (), only: str = "",
+           skip: Iterable[str] = ()) -> list[tuple[Case, tuple[str, ...]]]:
+    """The (case, implementations) pairs to run: the cases that decide the bars, plus those and
+    the implementations that ``flags`` add, whose group matches the regular expression ``only``,
+    without the implementations in ``skip``."""
+    import re
+
+    flags, skip = set(flags), set(skip)
+    for name, values, known in (("flags", flags, FLAGS), ("skip", skip, IMPLS)):
+        if values - set(known):
+            raise ValueError(f"{name}: unknown {sorted(values - set(known))}; expected some of {', '.join(known)}")
+    chosen = []
+    for case in cases:
+        if (case.flag is None or case.flag in flags) and re.search(only, case.group):
+            impls = tuple(i for i in case.impls
+                          if i not in skip and (i not in IMPL_FLAGS or IMPL_FLAGS[i] in flags))
+            if impls:
+                chosen.append((case, impls))
+    return chosen
 
 
 def _as_tuple(outputs: Outputs) -> tuple[Tensor, ...]:
-    return outputs if isinstance(outputs, tuple) else (outputs,)
+    return tuple(outputs) if isinstance(outputs, tuple) else (outputs,)
 
 
 def _upstream(output: Tensor) -> Tensor:
@@ -85,28 +147,42 @@ def _upstream(output: Tensor) -> Tensor:
 
 def _fwd_bwd(fn: Callable[..., Outputs], inputs: tuple[Tensor, ...],
              grad_outputs: list[Tensor] | None = None) -> tuple[Tensor, ...]:
-    """(outputs..., gradients of the inputs that require grad) for the :func:`_upstream` gradients."""
+    """(outputs..., gradients of the inputs that require grad) for the :func:`_upstream`
+    gradients of the outputs that require grad (logging outputs carry none). An empty
+    ``grad_outputs`` list is filled on the first call and reused by later ones."""
     outputs = _as_tuple(fn(*inputs))
+    differentiable = [o for o in outputs if o.requires_grad]
     if grad_outputs is None:
-        grad_outputs = [_upstream(o) for o in outputs]
-    grads = torch.autograd.grad(outputs, [t for t in inputs if t.requires_grad], grad_outputs)
+        grad_outputs = []
+    if not grad_outputs:
+        grad_outputs += [_upstream(o) for o in differentiable]
+    grads = torch.autograd.grad(differentiable, [t for t in inputs if t.requires_grad], grad_outputs)
     return (*(o.detach() for o in outputs), *grads)
 
 
+def _implementation(case: Case, impl: str) -> Callable[..., Outputs]:
+    if case.build is not None:
+        return case.build(impl)
+    if impl in COMPILED:
+        base, mode = COMPILED[impl]
+        return torch.compile(case.fns[base], mode=mode)
+    return case.fns[impl]
+
+
 def make_step(case: Case, impl: str, inputs: tuple[Tensor, ...]) -> Step:
-    """The step of ``impl`` on ``inputs``: (outputs..., input gradients...), or the outputs alone
-    for a forward-only case."""
-    fn = torch.compile(case.fns["eager"], mode=COMPILE_MODES[impl]) if impl in COMPILE_MODES else case.fns[impl]
+    """The step of ``impl`` on ``inputs``: (outputs..., input gradients...), the outputs alone
+    for a forward-only case, or what a training step returns."""
+    fn = _implementation(case, impl)
     backend = (lambda: fastgen.use_backend("triton")) if impl.startswith("fastgen") else contextlib.nullcontext
-    if not case.backward:
+    if case.kind == "train" or not case.backward:
+        grad_mode = contextlib.nullcontext if case.kind == "train" else torch.no_grad
+
         def forward() -> tuple[Tensor, ...]:
-            with backend(), torch.no_grad():
+            with backend(), grad_mode():
                 return _as_tuple(fn(*inputs))
         return forward
 
-    with backend(), torch.no_grad():
-        # The upstream gradients are made once, outside the timed step.
-        grad_outputs = [_upstream(o) for o in _as_tuple(fn(*inputs))]
+    grad_outputs: list[Tensor] = []  # made on the first call, the untimed warm-up
 
     def step() -> tuple[Tensor, ...]:
         with backend():
@@ -136,21 +212,24 @@ def check(case: Case, inputs: tuple[Tensor, ...], outputs: tuple[Tensor, ...]) -
     return worst
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
 # ----------------------------------------------------------------------------------------------
-# BCE / GAN losses
+# BCE / GAN losses. Every implementation returns the loss and the logging means D(x), D(G(z)):
+# the fused op computes them in the same pass, and a compiled baseline must not drop them.
 
 
-def _eager_d_loss(real: Tensor, fake: Tensor) -> Tensor:
+def _eager_d_loss(real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     loss = (TF.binary_cross_entropy_with_logits(real, torch.ones_like(real))
             + TF.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
-    # The logging means a training loop reads: the fused op returns them from the same pass.
-    torch.sigmoid(real.detach()).mean(), torch.sigmoid(fake.detach()).mean()
-    return loss
+    return loss, torch.sigmoid(real.detach().float()).mean(), torch.sigmoid(fake.detach().float()).mean()
 
 
-def _eager_g_loss(fake: Tensor) -> Tensor:
-    torch.sigmoid(fake.detach()).mean()
-    return TF.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
+def _eager_g_loss(fake: Tensor) -> tuple[Tensor, Tensor]:
+    loss = TF.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
+    return loss, torch.sigmoid(fake.detach().float()).mean()
 
 
 def _eager_recon(reduction: str) -> Callable[[Tensor, Tensor], Tensor]:
@@ -174,22 +253,23 @@ def loss_cases(smoke: bool = False) -> list[Case]:
         cases.append(Case(
             "gan_d_loss", f"B={b} fp32",
             lambda device, b=b: (_logits((b, 1), torch.float32, device), _logits((b, 1), torch.float32, device)),
-            {"fastgen": lambda r, f: F.gan_d_loss(r, f).loss, "eager": _eager_d_loss},
-            reference_expected(lambda r, f: R.gan_d_loss(r, f).loss),
-            floor_bytes=2 * 2 * size, traffic_bytes=2 * 2 * size + 2 * 2 * size, tolerance=1e-5))
+            {"fastgen": lambda r, f: tuple(F.gan_d_loss(r, f)), "eager": _eager_d_loss},
+            reference_expected(lambda r, f: tuple(R.gan_d_loss(r, f))),
+            floor_bytes=2 * 2 * size, traffic_bytes=2 * 2 * size + 2 * 2 * size, tolerance=1e-5,
+            kind="op", bar=(5.0, None)))
         cases.append(Case(
             "gan_g_loss", f"B={b} fp32",
             lambda device, b=b: (_logits((b, 1), torch.float32, device),),
-            {"fastgen": lambda f: F.gan_g_loss(f).loss, "eager": _eager_g_loss},
-            reference_expected(lambda f: R.gan_g_loss(f).loss),
-            floor_bytes=2 * size, traffic_bytes=4 * size, tolerance=1e-5))
+            {"fastgen": lambda f: tuple(F.gan_g_loss(f)), "eager": _eager_g_loss},
+            reference_expected(lambda f: tuple(R.gan_g_loss(f))),
+            floor_bytes=2 * size, traffic_bytes=4 * size, tolerance=1e-5, kind="op", bar=(5.0, None)))
     shape = (2, 3, 8, 8) if smoke else (256, 3, 64, 64)
     dtype = torch.float32 if smoke else torch.bfloat16  # the interpreter has no bf16
     numel = torch.Size(shape).numel()
     for reduction in ("mean", "per_sample"):
         item = dtype.itemsize
         cases.append(Case(
-            f"bce_with_logits[{reduction}]", f"{'x'.join(map(str, shape))} {str(dtype)[6:]}",
+            f"bce_with_logits[{reduction}]", f"{'x'.join(map(str, shape))} {_dtype_name(dtype)}",
             lambda device: (_logits(shape, dtype, device), torch.rand(shape, device=device).to(dtype)),
             {"fastgen": lambda x, t, r=reduction: F.bce_with_logits(x, t, reduction=r),
              "eager": _eager_recon(reduction)},
@@ -197,7 +277,7 @@ def loss_cases(smoke: bool = False) -> list[Case]:
             # floor: read logits and target, write dlogits; fastgen: + write and re-read the
             # stored gradient (forward), then write the scaled one (backward).
             floor_bytes=3 * item * numel, traffic_bytes=5 * item * numel,
-            tolerance=1e-5 if dtype == torch.float32 else 1e-2))
+            tolerance=1e-5 if dtype == torch.float32 else 1e-2, kind="op", dtype=dtype, bar=(2.0, None)))
     return cases
 
 
@@ -214,7 +294,8 @@ def _reparam_expected(inputs: tuple[Tensor, ...], outputs: tuple[Tensor, ...]) -
 
 
 def reparam_cases(smoke: bool = False) -> list[Case]:
-    """reparameterize forward + backward (gradients from z and the KL) at 65536x512."""
+    """reparameterize forward + backward (gradients from z and the KL) at 65536x512; bf16
+    decides the bar, fp32 is behind the "fp32" flag."""
     rows, cols = (64, 48) if smoke else (65536, 512)
     cases = []
     for dtype in ((torch.float32,) if smoke else (torch.bfloat16, torch.float32)):
@@ -225,13 +306,14 @@ def reparam_cases(smoke: bool = False) -> list[Case]:
                     (torch.randn(rows, cols, device=device) - 1).to(dtype).requires_grad_())
 
         cases.append(Case(
-            "reparameterize", f"{rows}x{cols} {str(dtype)[6:]}", make_inputs,
+            "reparameterize", f"{rows}x{cols} {_dtype_name(dtype)}", make_inputs,
             {"fastgen": lambda mu, lv: F.reparameterize(mu, lv), "eager": lambda mu, lv: R.reparameterize(mu, lv)},
             _reparam_expected,
             # fwd: read mu, logvar, write z; bwd: read mu, logvar, dz, write dmu, dlogvar. The
             # noise is regenerated, never stored, so fastgen moves exactly the floor.
             floor_bytes=8 * item * rows * cols, traffic_bytes=8 * item * rows * cols,
-            tolerance=1e-5 if dtype == torch.float32 else 2e-2))
+            tolerance=1e-5 if dtype == torch.float32 else 2e-2, kind="op", dtype=dtype,
+            flag="fp32" if dtype == torch.float32 and not smoke else None, bar=(3.0, None)))
     return cases
 
 
@@ -253,6 +335,8 @@ DCGAN64_LAYERS = {
 }
 KERNEL = 4
 CONV_TOLERANCE = {torch.float32: 5e-3, torch.bfloat16: 5e-2}  # fp32 convs may use TF32, as torch's
+# The bar of issue 4, on whole G and D fwd+bwd: >= 1.5x eager and >= 1.2x torch.compile.
+MODEL_BAR = (1.5, 1.2)
 
 
 def _layer_fn(functional, layer: tuple) -> Callable[..., Tensor]:
@@ -285,69 +369,9 @@ def _layer_geometry(layer: tuple, batch: int) -> tuple[int, int, int, int]:
     return x, w, y, 2 * w * batch * (size * size if transposed else out * out)
 
 
-def _dcgan_model(kind: str) -> torch.nn.Sequential:
-    """The plain-PyTorch DCGAN 64x64 generator ("G") or discriminator ("D"), DCGAN init."""
-    blocks = []
-    for name, (transposed, c_in, c_out, _, stride, padding, bn, activation) in DCGAN64_LAYERS.items():
-        if name[0] != kind:
-            continue
-        conv_type = torch.nn.ConvTranspose2d if transposed else torch.nn.Conv2d
-        blocks.append(conv_type(c_in, c_out, KERNEL, stride, padding, bias=False))
-        if bn:
-            blocks.append(torch.nn.BatchNorm2d(c_out))
-        blocks.append({"relu": torch.nn.ReLU(), "tanh": torch.nn.Tanh(), "identity": torch.nn.Identity(),
-                       "leaky_relu": torch.nn.LeakyReLU(0.2)}[activation])
-    model = torch.nn.Sequential(*blocks)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, 1.0 if p.dim() == 1 else 0.0, 0.02)
-    return model
-
-
-def _model_case(kind: str, dtype: torch.dtype, batch: int) -> Case:
-    torch_model = _dcgan_model(kind)
-    fused = fastgen.nn.fuse(copy.deepcopy(torch_model))
-    layers = [layer for name, layer in DCGAN64_LAYERS.items() if name[0] == kind]
-    in_shape = (batch, layers[0][1], layers[0][3], layers[0][3])
-    models = {}
-
-    def on(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-        key = (id(model), device)
-        if key not in models:
-            models[key] = model.to(device, memory_format=torch.channels_last)
-        return models[key]
-
-    def fn(model: torch.nn.Module) -> Callable[..., Tensor]:
-        # fuse() nests each conv-BN-act run in a block: same parameters, in order, other names.
-        names = [n for n, _ in model.named_parameters()]
-
-        def run(x: Tensor, *params: Tensor) -> Tensor:
-            with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                return torch.func.functional_call(on(model, x.device), dict(zip(names, params)), (x,)).float()
-        return run
-
-    def make_inputs(device: torch.device) -> tuple[Tensor, ...]:
-        x = torch.randn(in_shape, device=device).to(memory_format=torch.channels_last).requires_grad_()
-        return (x, *(p.detach().to(device).clone().requires_grad_() for p in torch_model.parameters()))
-
-    reference_model = copy.deepcopy(torch_model).double()
-    names = [n for n, _ in torch_model.named_parameters()]
-
-    def expected(inputs: tuple[Tensor, ...], outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        device = inputs[0].device
-        ref = lambda x, *p: torch.func.functional_call(on(reference_model, device), dict(zip(names, p)), (x,))
-        return _fwd_bwd(ref, tuple(t.detach().double().requires_grad_() for t in inputs))
-
-    sizes = [_layer_geometry(layer, batch) for layer in layers]
-    item = dtype.itemsize
-    return Case(
-        "dcgan64", f"{kind} B={batch} {str(dtype)[6:]}", make_inputs,
-        {"fastgen": fn(fused), "eager": fn(torch_model)}, expected,
-        floor_bytes=sum(item * (3 * x + 3 * w + 2 * y) for x, w, y, _ in sizes), traffic_bytes=None,
-        tolerance=CONV_TOLERANCE[dtype], flops=3 * sum(f for *_, f in sizes))
-
-
-def conv_cases(smoke: bool = False) -> list[Case]:
-    """Every DCGAN 64x64 layer at batch 256, forward and forward + backward, and whole G and D."""
+def layer_cases(smoke: bool = False) -> list[Case]:
+    """Every DCGAN 64x64 layer at batch 256: bf16 fwd+bwd decides the bars; forward-only rows
+    are behind the "fwd" flag and fp32 behind "fp32"."""
     batch = 2 if smoke else 256
     dtypes = (torch.float32,) if smoke else (torch.bfloat16, torch.float32)
     layer_names = ["D2"] if smoke else list(DCGAN64_LAYERS)  # the interpreter is slow: one smoke layer
@@ -370,20 +394,188 @@ def conv_cases(smoke: bool = False) -> list[Case]:
             if bn:
                 fns["fastgen-cudnn-gemm"] = _cudnn_gemm_layer_fn(layer)
             for backward in (False, True):
+                flag = None if smoke else "fp32" if dtype == torch.float32 else None if backward else "fwd"
                 cases.append(Case(
                     "conv_bn_act" if bn else "conv_bias_act",
-                    f"DCGAN64 {name} B={batch} {str(dtype)[6:]} {'fwd+bwd' if backward else 'fwd'}",
+                    f"DCGAN64 {name} B={batch} {_dtype_name(dtype)} {'fwd+bwd' if backward else 'fwd'}",
                     make_inputs, fns,
                     reference_expected(_layer_fn(R, layer)),
                     floor_bytes=item * ((3 * x_count + 3 * w_count + 2 * y_count) if backward
                                         else (x_count + w_count + y_count)),
                     traffic_bytes=None, tolerance=1e-4 if smoke else CONV_TOLERANCE[dtype],
-                    flops=3 * flops if backward else flops, backward=backward))
-        if not smoke:  # whole models through the interpreter take minutes: GPU rows only
-            cases += [_model_case(kind, dtype, batch) for kind in "GD"]
+                    kind="layer", dtype=dtype, layers=(name,), flops=3 * flops if backward else flops, backward=backward, flag=flag))
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole DCGAN G and D, and a full training step, built from fastgen's own models
+# (fastgen.models.DCGANGenerator / DCGANDiscriminator). Their plain-PyTorch twins (eager,
+# compile) have the same modules, parameters and state_dict keys, unfused.
+
+
+def _unfused(model: nn.Module) -> nn.Module:
+    """A copy of a fastgen model with every fused conv-BN-act block as the plain
+    ``nn.Sequential(conv, bn, act)`` it stands for (same parameters, same keys)."""
+    model = copy.deepcopy(model)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, (fastgen.nn.ConvBNAct, fastgen.nn.ConvTransposeBNAct)):
+                setattr(module, name, nn.Sequential(*child))
+    return model
+
+
+def _dcgan(kind: str, smoke: bool) -> nn.Module:
+    """fastgen's DCGAN generator ("G") or discriminator ("D"): 64x64 RGB, width 64, z of 100
+    (smoke: 16x16, width 8)."""
+    size, width = (16, 8) if smoke else (64, 64)
+    if kind == "G":
+        return fastgen.models.DCGANGenerator(latent_size=100, channels=3, image_size=size, width=width)
+    return fastgen.models.DCGANDiscriminator(channels=3, image_size=size, width=width)
+
+
+def _to_device(model: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> nn.Module:
+    return model.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+
+
+def _model_case(kind: str, dtype: torch.dtype, batch: int, smoke: bool) -> Case:
+    fused = _dcgan(kind, smoke)
+    plain = _unfused(fused)
+    names = [n for n, _ in fused.named_parameters()]
+    models: dict[tuple[int, torch.device], nn.Module] = {}
+
+    def on(model: nn.Module, device: torch.device) -> nn.Module:
+        key = (id(model), device)
+        if key not in models:
+            models[key] = _to_device(model, device)
+        return models[key]
+
+    def fn(model: nn.Module) -> Callable[..., Tensor]:
+        def run(x: Tensor, *params: Tensor) -> Tensor:
+            with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                return torch.func.functional_call(on(model, x.device), dict(zip(names, params)), (x,)).float()
+        return run
+
+    size = 16 if smoke else 64
+    in_shape = (batch, fused.latent_size) if kind == "G" else (batch, 3, size, size)
+
+    def make_inputs(device: torch.device) -> tuple[Tensor, ...]:
+        x = torch.randn(in_shape, device=device)
+        if x.dim() == 4:
+            x = x.to(memory_format=torch.channels_last)
+        return (x.requires_grad_(), *(p.detach().to(device).clone().requires_grad_() for p in fused.parameters()))
+
+    reference_model = copy.deepcopy(plain).double()
+
+    def expected(inputs: tuple[Tensor, ...], outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        device = inputs[0].device
+        ref = lambda x, *p: torch.func.functional_call(on(reference_model, device), dict(zip(names, p)), (x,))
+        return _fwd_bwd(ref, tuple(t.detach().double().requires_grad_() for t in inputs))
+
+    layers = [layer for name, layer in DCGAN64_LAYERS.items() if name[0] == kind]
+    sizes = [_layer_geometry(layer, batch) for layer in layers]
+    item = dtype.itemsize
+    return Case(
+        "dcgan64", f"{kind} B={batch} {_dtype_name(dtype)}", make_inputs,
+        {"fastgen": fn(fused), "eager": fn(plain)}, expected,
+        floor_bytes=0 if smoke else sum(item * (3 * x + 3 * w + 2 * y) for x, w, y, _ in sizes),
+        traffic_bytes=None, tolerance=CONV_TOLERANCE[dtype], kind="model", dtype=dtype,
+        layers=tuple(name for name in DCGAN64_LAYERS if name[0] == kind),
+        flops=0 if smoke else 3 * sum(f for *_, f in sizes),
+        compiled=("fastgen-compile", *EAGER_COMPILED),
+        flag="fp32" if dtype == torch.float32 and not smoke else None, bar=MODEL_BAR)
+
+
+class DCGANTrainStep:
+    """One DCGAN training step, as ``fastgen.train.GANTrainer`` takes it with one critic step:
+    D on a real and a generated batch (non-saturating loss, Adam lr 2e-4, betas (0.5, 0.999)),
+    then G through the updated D; autocast to ``dtype`` unless it is float32 or float64,
+    channels_last models. ``compile_mode`` wraps G and D in ``torch.compile``, as a user
+    compiles a model. Each instance trains its own copies of the templates, from their state.
+
+    ``step(real (B, 3, S, S), z (B, 100))`` returns (d_loss, g_loss, D(x) mean, D(G(z)) mean,
+    D's gradients..., G's gradients...) of that step.
+    """
+
+    def __init__(self, generator: nn.Module, discriminator: nn.Module, d_loss: Callable, g_loss: Callable,
+                 dtype: torch.dtype, compile_mode: str | None = None) -> None:
+        self.templates = (generator, discriminator)
+        self.d_loss, self.g_loss, self.dtype, self.compile_mode = d_loss, g_loss, dtype, compile_mode
+        self.state: tuple | None = None
+
+    def _build(self, device: torch.device) -> tuple:
+        param_dtype = torch.float64 if self.dtype == torch.float64 else None
+        G, D = (_to_device(copy.deepcopy(m), device, param_dtype) for m in self.templates)
+        betas = (0.5, 0.999)
+        optimizers = (torch.optim.Adam(G.parameters(), 2e-4, betas), torch.optim.Adam(D.parameters(), 2e-4, betas))
+        run_G, run_D = (torch.compile(m, mode=self.compile_mode) if self.compile_mode else m for m in (G, D))
+        return G, D, run_G, run_D, *optimizers
+
+    def __call__(self, real: Tensor, z: Tensor) -> tuple[Tensor, ...]:
+        if self.state is None:
+            self.state = self._build(real.device)
+        G, D, run_G, run_D, opt_g, opt_d = self.state
+        autocast = torch.autocast(real.device.type, dtype=self.dtype,
+                                  enabled=self.dtype not in (torch.float32, torch.float64))
+        with autocast:
+            fake = run_G(z)
+            d_loss, d_real, d_fake = self.d_loss(run_D(real), run_D(fake.detach()))
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
+        D.requires_grad_(False)  # G's step needs gradients through D, not for D's weights
+        try:
+            with autocast:
+                g_loss, _ = self.g_loss(run_D(fake))
+            opt_g.zero_grad(set_to_none=True)
+            g_loss.backward()
+            opt_g.step()
+        finally:
+            D.requires_grad_(True)
+        return (d_loss.detach(), g_loss.detach(), d_real, d_fake,
+                *(p.grad for p in D.parameters()), *(p.grad for p in G.parameters()))
+
+
+def _train_case(dtype: torch.dtype, batch: int, smoke: bool) -> Case:
+    G, D = _dcgan("G", smoke), _dcgan("D", smoke)
+    plain = (_unfused(G), _unfused(D))
+    losses = {"fastgen": (lambda r, f: tuple(F.gan_d_loss(r, f)), lambda f: tuple(F.gan_g_loss(f))),
+              "eager": (_eager_d_loss, _eager_g_loss)}
+    templates = {"fastgen": (G, D), "eager": plain}
+
+    def build(impl: str) -> DCGANTrainStep:
+        base, mode = COMPILED.get(impl, (impl, None))
+        return DCGANTrainStep(*templates[base], *losses[base], dtype, compile_mode=mode)
+
+    size = 16 if smoke else 64
+
+    def make_inputs(device: torch.device) -> tuple[Tensor, ...]:
+        real = torch.rand(batch, 3, size, size, device=device).mul(2).sub(1)
+        return real.to(memory_format=torch.channels_last), torch.randn(batch, G.latent_size, device=device)
+
+    def expected(inputs: tuple[Tensor, ...], outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        real, z = (t.detach().double() for t in inputs)
+        return DCGANTrainStep(*plain, *losses["eager"], torch.float64)(real, z)
+
+    return Case(
+        "train", f"DCGAN{size} step B={batch} {_dtype_name(dtype)}", make_inputs,
+        {"fastgen": build("fastgen"), "eager": build("eager")}, expected,
+        floor_bytes=0, traffic_bytes=None, tolerance=CONV_TOLERANCE[dtype], kind="train", dtype=dtype,
+        layers=tuple(DCGAN64_LAYERS),
+        compiled=("fastgen-compile", *EAGER_COMPILED), build=build,
+        images=batch, graphable=False, flag="fp32" if dtype == torch.float32 and not smoke else None)
+
+
+def model_cases(smoke: bool = False) -> list[Case]:
+    """Whole DCGAN-64 G and D fwd+bwd, and a full training step, at batch 256 (bf16 decides the
+    bars; fp32 is behind the "fp32" flag). Smoke: 16x16 models at batch 2, fp32."""
+    batch = 2 if smoke else 256
+    cases = []
+    for dtype in (torch.float32,) if smoke else (torch.bfloat16, torch.float32):
+        cases += [_model_case(kind, dtype, batch, smoke) for kind in "GD"]
+        cases.append(_train_case(dtype, batch, smoke))
     return cases
 
 
 def all_cases(smoke: bool = False) -> list[Case]:
     """Every benchmark case, op family by op family."""
-    return loss_cases(smoke) + reparam_cases(smoke) + conv_cases(smoke)
+    return loss_cases(smoke) + reparam_cases(smoke) + layer_cases(smoke) + model_cases(smoke)

@@ -1,42 +1,16 @@
 #!/usr/bin/env bash
-# What a GPU session checks, on the device machine (torch and triton already installed there,
-# nothing from a registry), in parts that each fit one 10-minute device call:
+# One GPU session in one command, inside the ~15 minutes a GPU is lent for (under 9 by plan):
 #
-#   bash benchmarks/gpu_session.sh OUT tests             # the whole suite on CUDA
-#   bash benchmarks/gpu_session.sh OUT bench 'REGEX' [run.py options, e.g. --skip compile-max-autotune]
-#   bash benchmarks/gpu_session.sh OUT all               # both, every row (longer than one call)
+#   bash benchmarks/gpu_session.sh OUT              # the GPU-marked tests and the report rows
+#   bash benchmarks/gpu_session.sh OUT --dry-run    # the plan: phases, jobs, rows, seconds
+#   bash benchmarks/gpu_session.sh OUT --with fp32,max-autotune --budget-s 1800   # a longer lease
 #
-# The tests run with FASTGEN_AUTOTUNE=0 (the default tile, no per-shape timing: hundreds of
-# test shapes would each pay the candidates' compiles); the report tunes as users do.
-# Logs, JSON and markdown land in OUT; a bench part's files are tagged with its regex.
+# Facts (NVML), a parallel compile of every row on a fresh cache beside the GPU tests
+# (FASTGEN_AUTOTUNE=0), the rows timed one at a time, then OUT/summary.md: each phase has a hard
+# limit, so the summary is always written inside the budget. benchmarks/session.py has the
+# phases; benchmarks/plan.py the cost of each. Runs on the device machine's python3, nothing
+# installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-usage="usage: gpu_session.sh OUT_DIR tests|bench REGEX [run.py options]|all"
-out=${1:?$usage}
-part=${2:-all}
-only=${3:-}
-run_options=("${@:4}")
-case $part in
-    tests|all) ;;
-    bench) [[ -n $only ]] || { echo "bench needs a REGEX: every row does not fit one call; $usage" >&2; exit 2; } ;;
-    *) echo "unknown part '$part'; $usage" >&2; exit 2 ;;
-esac
-tag=$(printf '%s' "$only" | tr -c 'A-Za-z0-9' '-')
-mkdir -p "$out"
-export PYTHONPATH=.
-nvidia-smi > "$out/nvidia-smi.txt" 2>&1
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee "$out/versions.txt"
-tests_rc=0
-run_rc=0
-if [[ $part == tests || $part == all ]]; then
-    FASTGEN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -n 200 > "$out/tests.log"
-    tests_rc=${PIPESTATUS[0]}
-    tail -n 3 "$out/tests.log"
-fi
-if [[ $part == bench || $part == all ]]; then
-    python3 benchmarks/run.py --out-dir "$out" --only "$only" --tag "$only" ${run_options[@]+"${run_options[@]}"} > "$out/run-$tag.log" 2>&1
-    run_rc=$?
-    tail -n 60 "$out/run-$tag.log"
-fi
-echo "tests rc=$tests_rc, run.py rc=$run_rc"
-exit $(( tests_rc || run_rc ))
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+exec "${PYTHON:-python3}" -m benchmarks.session "$@"

@@ -11,7 +11,7 @@ first, so a fast wrong row fails instead of ranking.
 import pytest
 import torch
 
-from benchmarks.cases import COMPILE_MODES, IMPLS, all_cases, check, make_step
+from benchmarks.cases import COMPILED, IMPLS, all_cases, check, make_step
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -22,7 +22,7 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 def test_step(benchmark, case, impl):
     if impl not in case.impls:
         pytest.skip(f"{case.group} has no {impl} implementation")
-    if impl in COMPILE_MODES and not CUDA:
+    if impl in COMPILED and not CUDA:
         pytest.skip("torch.compile rows are measured on CUDA only; the CPU run proves the harness")
     torch.manual_seed(0)
     inputs = case.make_inputs(DEVICE)
