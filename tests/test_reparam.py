@@ -8,6 +8,8 @@ generator state (z = eps exactly), and the reference is evaluated with that nois
 Every check forces the Triton path (the CPU interpreter here, the GPU compiler on CUDA).
 """
 
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -120,28 +122,103 @@ def _philox_normals(seed: int, counters: np.ndarray) -> np.ndarray:
                      r[:, 1] * np.cos(theta[:, 1]), r[:, 1] * np.sin(theta[:, 1])], axis=-1)
 
 
+def _seed_offset(key: int, offset: int) -> torch.Tensor:
+    return torch.tensor([key, offset], dtype=torch.int64, device=DEVICE)
+
+
+def _kernel_noise(rows: int, cols: int, samples: int, key: int, offset: int) -> torch.Tensor:
+    """The kernel's eps at (key, offset): z of mu = 0, logvar = 0."""
+    zeros = torch.zeros(rows, cols, device=DEVICE)
+    return reparam.reparameterize_forward(zeros, zeros, samples, _seed_offset(key, offset))[0]
+
+
+@pytest.mark.parametrize("key", [0x1234_5678_9ABC, 2**62 - 1])
 @pytest.mark.parametrize("offset", [0, 2**32 - 6, 3 * 2**40 + 5])
-def test_noise_follows_the_documented_philox_layout(offset):
+def test_noise_follows_the_documented_philox_layout(key, offset):
     # Element (s, b, j) is lane j % 4 of the block at counter offset + (s * B + b) * ceil(D / 4)
     # + j // 4; near 2**32 the counter's high word must carry, never wrap to 0.
-    samples, rows, cols, seed = 2, 5, 10, 0x1234_5678_9ABC
-    zeros = torch.zeros(rows, cols, device=DEVICE)
-    eps = reparam.reparameterize_forward(zeros, zeros, samples, seed, offset)[0].cpu().numpy()
+    samples, rows, cols = 2, 5, 10
+    eps = _kernel_noise(rows, cols, samples, key, offset).cpu().numpy()
     quads = -(-cols // 4)
     counters = offset + np.arange(samples * rows * quads, dtype=np.uint64)
-    want = _philox_normals(seed, counters).reshape(samples, rows, quads * 4)[:, :, :cols]
+    want = _philox_normals(key, counters).reshape(samples, rows, quads * 4)[:, :, :cols]
     np.testing.assert_allclose(eps, want, rtol=1e-4, atol=1e-4)  # GPU log / cos / sin round differently
     assert reparam.counters_used(samples, rows, cols) == samples * rows * quads
 
 
 def test_offsets_past_2_32_shift_and_do_not_wrap():
-    rows, cols, seed = 8, 16, 987654321  # 4 counters a row
-    zeros = torch.zeros(rows, cols, device=DEVICE)
-    below = reparam.reparameterize_forward(zeros, zeros, 1, seed, 2**32 - 12)[0]
-    at = reparam.reparameterize_forward(zeros, zeros, 1, seed, 2**32)[0]
-    wrapped = reparam.reparameterize_forward(zeros, zeros, 1, seed, 0)[0]
+    rows, cols, key = 8, 16, 987654321  # 4 counters a row
+    below = _kernel_noise(rows, cols, 1, key, 2**32 - 12)
+    at = _kernel_noise(rows, cols, 1, key, 2**32)
+    wrapped = _kernel_noise(rows, cols, 1, key, 0)
     assert torch.equal(below[3:], at[:5])  # the counter is offset + element's block: shifts agree
     assert (below[3:] != wrapped[:5]).all()
+
+
+def test_kernels_read_the_seed_tensor_on_the_device(monkeypatch):
+    # No Python number is made of a tensor (no .item(), no sync): the kernels load key and
+    # offset themselves, so new values written into the same tensor give new noise, as a graph
+    # replay would.
+    def host_read(*args, **kwargs):
+        raise AssertionError("the seed was read on the host")
+
+    rows, cols, samples = 6, 10, 2
+    zeros = torch.zeros(rows, cols, device=DEVICE)
+    seed_offset = _seed_offset(11, 0)
+    for name in ("item", "tolist", "__int__", "__index__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    first = reparam.reparameterize_forward(zeros, zeros, samples, seed_offset)[0]
+    seed_offset.copy_(torch.tensor([12, 2**33 + 1], dtype=torch.int64))
+    second = reparam.reparameterize_forward(zeros, zeros, samples, seed_offset)[0]
+    grad_mu, grad_logvar = reparam.reparameterize_backward(
+        zeros, zeros, torch.ones_like(second), None, samples, seed_offset)
+    monkeypatch.undo()
+    assert torch.equal(first, _kernel_noise(rows, cols, samples, 11, 0))
+    assert torch.equal(second, _kernel_noise(rows, cols, samples, 12, 2**33 + 1))
+    # The backward regenerates the forward's eps from the same tensor: at mu = 0, logvar = 0,
+    # dlogvar = 0.5 * sum_s eps[s] and dmu = S.
+    assert rel_err(grad_logvar, 0.5 * second.sum(0)) < 1e-6 and torch.equal(grad_mu, torch.full_like(zeros, samples))
+
+
+@pytest.mark.parametrize("rows, cols", [(7, 3), (33, 200), (5, 1100)])
+def test_gpu_tiles_give_the_same_noise_and_results(monkeypatch, rows, cols):
+    # The noise does not depend on the tiles: the GPU's small tiles (4 elements a thread, run
+    # here in the interpreter) give the interpreter tiles' eps bit for bit, and the same KL and
+    # gradients up to summation order.
+    mu, logvar = torch.randn(rows, cols, device=DEVICE), torch.randn(rows, cols, device=DEVICE)
+    grad_z, grad_kl = torch.randn(2, rows, cols, device=DEVICE), torch.randn(rows, device=DEVICE)
+    seed_offset = _seed_offset(5, 7)
+
+    def run():
+        z, kl = reparam.reparameterize_forward(mu, logvar, 2, seed_offset)
+        return (z, kl, *reparam.reparameterize_backward(mu, logvar, grad_z, grad_kl, 2, seed_offset))
+
+    default = run()
+    gpu_tiles = reparam._tiles(types.SimpleNamespace(is_cuda=True), rows, cols)
+    block_b, block_d, warps = gpu_tiles
+    assert block_b * block_d <= max(reparam.GPU_TILE, block_d)
+    assert warps * 32 * reparam.ELEMENTS_PER_THREAD in (block_b * block_d, 32)  # one warp at least
+    monkeypatch.setattr(reparam, "_tiles", lambda *args: gpu_tiles)
+    tiled = run()
+    assert torch.equal(tiled[0], default[0])
+    for got, want in zip(tiled[1:], default[1:]):
+        assert rel_err(got, want) < 1e-6
+
+
+def test_seed_offset_must_be_a_device_int64_pair():
+    zeros = torch.zeros(3, 4, device=DEVICE)
+    for bad, error, words in [
+        ((5, 0), TypeError, ["seed_offset", "tuple"]),
+        (torch.tensor([5, 0], dtype=torch.int32, device=DEVICE), ValueError, ["seed_offset", "int32"]),
+        (torch.tensor([5, 0, 1], dtype=torch.int64, device=DEVICE), ValueError, ["seed_offset", "(3,)"]),
+        (torch.tensor([5, 0, 1, 2], dtype=torch.int64, device=DEVICE)[::2], ValueError, ["seed_offset", "(2,)"]),
+        (torch.tensor([5, 0], dtype=torch.int64, device="meta"), ValueError, ["seed_offset", "meta"]),
+    ]:
+        for call in (lambda: reparam.reparameterize_forward(zeros, zeros, 1, bad),
+                     lambda: reparam.reparameterize_backward(zeros, zeros, zeros, None, 1, bad)):
+            with pytest.raises(error) as info:
+                call()
+            assert all(word in str(info.value) for word in words), str(info.value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,16 +324,6 @@ def test_gradcheck_float64(samples):
     assert torch.autograd.gradcheck(
         lambda m, lv: F.reparameterize(m, lv, samples=samples, generator=_gen(9)), (mu, logvar),
         fast_mode=True)
-
-
-@pytest.mark.parametrize("op", ["reparameterize", "log_normal_diag"])
-def test_double_backward_raises(op):
-    """The fused backward is not differentiable: create_graph=True is an error, never gradients
-    whose own derivatives are silently zero."""
-    mu, logvar = _gaussian((5, 7))
-    out = F.reparameterize(mu, logvar)[0] if op == "reparameterize" else F.log_normal_diag(mu, mu * 0, logvar)
-    with pytest.raises(RuntimeError, match=r"cannot be differentiated again"):
-        torch.autograd.grad(out.sum(), mu, create_graph=True)
 
 
 def test_extreme_logvar_is_finite_and_clamped_at_80():
@@ -418,3 +485,26 @@ def test_large_batch_on_gpu(dtype, tol):
         assert rel_err(got, want) < tol
     mean, var, skew, kurt = _moments(_noise((4096, 4096), 1, seed=2))
     assert abs(mean) < 1e-3 and abs(var - 1) < 2e-3 and abs(skew) < 3e-3 and abs(kurt) < 6e-3
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_replays_with_new_seed_values():
+    mu, logvar = _gaussian((300, 70))
+    mu, logvar = mu.detach(), logvar.detach()
+    grad_z = torch.randn(3, 300, 70, device="cuda")
+    seed_offset = _seed_offset(1, 0)
+
+    def step():
+        z, kl = reparam.reparameterize_forward(mu, logvar, 3, seed_offset)
+        return (z, kl, *reparam.reparameterize_backward(mu, logvar, grad_z, None, 3, seed_offset))
+
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for key, offset in [(2**62 - 3, 5), (77, 2**40)]:
+        seed_offset.copy_(torch.tensor([key, offset]))
+        graph.replay()
+        for got, want in zip(captured, step()):
+            assert torch.equal(got, want)
