@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, tl_acc_dtype
+from ._common import acc_dtype, tl_acc_dtype, to_acc
 
 # Logits per program of the GAN losses: a DCGAN batch is one program, PatchGAN logits
 # (256 x 1 x 30 x 30 = 230400) spread over 225 programs per input.
@@ -64,7 +64,8 @@ def _bce_loss_grad_sigmoid(x, t):
 
 @triton.jit
 def _gan_loss_fwd_kernel(real_ptr, fake_ptr, grad_ptr, partial_ptr, n_real, n_fake, n_real_chunks,
-                         n_chunks, real_target, fake_target, BLOCK: tl.constexpr, ACC: tl.constexpr):
+                         n_chunks, real_target: tl.float64, fake_target: tl.float64,
+                         BLOCK: tl.constexpr, ACC: tl.constexpr):
     """One BLOCK of real (programs [0, n_real_chunks)) or fake logits (the rest) against a constant
     target: store dloss/dx (real at grad[0, n_real), fake at grad[n_real, n_real + n_fake)) and the
     chunk's (sum loss, sum sigmoid) at partial[0, pid], partial[1, pid] (partial is (2, n_chunks))."""
@@ -73,7 +74,8 @@ def _gan_loss_fwd_kernel(real_ptr, fake_ptr, grad_ptr, partial_ptr, n_real, n_fa
     offs = tl.where(is_real, pid, pid - n_real_chunks) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < tl.where(is_real, n_real, n_fake)
     x = tl.load(tl.where(is_real, real_ptr, fake_ptr) + offs, mask=mask, other=0.0).to(ACC)
-    loss, grad, sig = _bce_loss_grad_sigmoid(x, tl.where(is_real, real_target, fake_target))
+    target = tl.where(is_real, to_acc(real_target, ACC), to_acc(fake_target, ACC))
+    loss, grad, sig = _bce_loss_grad_sigmoid(x, target)
     grad_offs = tl.where(is_real, offs, n_real + offs)
     tl.store(grad_ptr + grad_offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
     tl.store(partial_ptr + pid, tl.sum(tl.where(mask, loss, 0.0), axis=0))
@@ -82,7 +84,7 @@ def _gan_loss_fwd_kernel(real_ptr, fake_ptr, grad_ptr, partial_ptr, n_real, n_fa
 
 @triton.jit
 def _gan_loss_sum_kernel(partial_ptr, loss_ptr, stats_ptr, n_real, n_fake, n_real_chunks, n_chunks,
-                         real_weight, fake_weight, BLOCK: tl.constexpr):
+                         real_weight: tl.float64, fake_weight: tl.float64, BLOCK: tl.constexpr):
     """loss = real_weight * sum real losses + fake_weight * sum fake losses, and
     stats = [mean sigmoid(real), mean sigmoid(fake)] (0 for an empty input), summing the chunk
     partials of :func:`_gan_loss_fwd_kernel` in a fixed order."""
@@ -100,7 +102,9 @@ def _gan_loss_sum_kernel(partial_ptr, loss_ptr, stats_ptr, n_real, n_fake, n_rea
         fake_loss += tl.where(is_real, 0.0, loss)
         real_sig += tl.where(is_real, sig, 0.0)
         fake_sig += tl.where(is_real, 0.0, sig)
-    loss = real_weight * tl.sum(real_loss, axis=0) + fake_weight * tl.sum(fake_loss, axis=0)
+    acc = partial_ptr.dtype.element_ty
+    loss = (to_acc(real_weight, acc) * tl.sum(real_loss, axis=0)
+            + to_acc(fake_weight, acc) * tl.sum(fake_loss, axis=0))
     tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
     tl.store(stats_ptr, (tl.sum(real_sig, axis=0) / tl.maximum(n_real, 1)).to(tl.float32))
     tl.store(stats_ptr + 1, (tl.sum(fake_sig, axis=0) / tl.maximum(n_fake, 1)).to(tl.float32))
@@ -128,19 +132,21 @@ def _bce_fwd_kernel(x_ptr, t_ptr, grad_ptr, out_ptr, n_cols, n_chunks,
 
 
 @triton.jit
-def _sum_rows_kernel(partial_ptr, out_ptr, n_chunks, scale, BLOCK: tl.constexpr):
+def _sum_rows_kernel(partial_ptr, out_ptr, n_chunks, scale: tl.float64, BLOCK: tl.constexpr):
     """out[row] = scale * sum(partial[row, :]), in a fixed order."""
     row = tl.program_id(0).to(tl.int64)
     acc = tl.zeros([BLOCK], dtype=partial_ptr.dtype.element_ty)
     for start in range(0, n_chunks, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         acc += tl.load(partial_ptr + row * n_chunks + cols, mask=cols < n_chunks, other=0.0)
+    scale = to_acc(scale, partial_ptr.dtype.element_ty)
     tl.store(out_ptr + row, (tl.sum(acc, axis=0) * scale).to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
 def _scale_grad_kernel(grad_ptr, grad_output_ptr, out_ptr, n_cols, n_chunks, go_row_stride,
-                       split, weight_lo, weight_hi, BLOCK: tl.constexpr, ACC: tl.constexpr):
+                       split, weight_lo: tl.float64, weight_hi: tl.float64, BLOCK: tl.constexpr,
+                       ACC: tl.constexpr):
     """out[r, c] = grad[r, c] * grad_output[r * go_row_stride] * (weight_lo if c < split else weight_hi).
 
     go_row_stride 0 broadcasts a scalar grad_output; ``split`` gives two inputs packed in one row
@@ -153,7 +159,7 @@ def _scale_grad_kernel(grad_ptr, grad_output_ptr, out_ptr, n_cols, n_chunks, go_
     offs = row * n_cols + cols
     grad = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(ACC)
     grad_output = tl.load(grad_output_ptr + row * go_row_stride).to(ACC)
-    weight = tl.where(cols < split, weight_lo, weight_hi)
+    weight = tl.where(cols < split, to_acc(weight_lo, ACC), to_acc(weight_hi, ACC))
     tl.store(out_ptr + offs, (grad * (grad_output * weight)).to(out_ptr.dtype.element_ty), mask=mask)
 
 

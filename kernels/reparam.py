@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import tl_acc_dtype
+from ._common import tl_acc_dtype, to_acc
 
 LOGVAR_MAX = 80.0
 LOG_2PI = math.log(2.0 * math.pi)
@@ -206,10 +206,11 @@ def _gaussian_params(mu_ptr, logvar_ptr, offs, mask, LOGVAR_MAX: tl.constexpr, H
 
 
 @triton.jit
-def _log_normal_fwd_kernel(z_ptr, mu_ptr, logvar_ptr, out_ptr, n_rows, n_cols, samples, log_2pi,
-                           LOGVAR_MAX: tl.constexpr, HAS_PARAMS: tl.constexpr,
+def _log_normal_fwd_kernel(z_ptr, mu_ptr, logvar_ptr, out_ptr, n_rows, n_cols, samples,
+                           log_2pi: tl.float64, LOGVAR_MAX: tl.constexpr, HAS_PARAMS: tl.constexpr,
                            BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     """out[s, b] = -0.5 * sum_j (r^2 + lv + log 2pi) for every sample s; BLOCK_B rows per program."""
+    log_2pi = to_acc(log_2pi, ACC)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < n_rows
     sample_rows = rows

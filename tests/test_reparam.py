@@ -410,6 +410,14 @@ def test_log_normal_diag_gradcheck_float64_and_params_only():
     assert all(g is not None for g in torch.autograd.grad(out.sum(), (mu, logvar)))
 
 
+def test_log_normal_diag_float64_runs_at_float64_precision():
+    # log(2 pi) reaches the kernel as a float64 scalar (as float32 it cost 8 digits).
+    z = torch.randn(3, 4, 5, dtype=torch.float64, device=DEVICE)
+    mu, logvar = _gaussian((4, 5), dtype=torch.float64)
+    assert rel_err(F.log_normal_diag(z, mu, logvar), R.log_normal_diag(z, mu, logvar)) < 1e-13
+    assert rel_err(F.log_normal_diag(z), R.log_normal_diag(z)) < 1e-13
+
+
 def test_importance_weights_of_reparameterized_samples():
     # With z = mu + std * eps: log q(z|x) = -0.5 * sum(eps^2 + logvar + log 2pi), exactly.
     mu, logvar = _gaussian((10, 6), logvar_scale=0.5)
