@@ -4,7 +4,7 @@ For a logit x and a target t in [0, 1], with e = exp(-|x|) in (0, 1]:
 
     loss(x, t) = softplus(x) - t * x       = max(x, 0) - t * x + log1p(e)
     dloss/dx   = (1 - t) * sigmoid(x) - t * sigmoid(-x)
-    sigmoid(x) = 1 / (1 + e) if x >= 0 else e / (1 + e),  sigmoid(-x) = 1 - sigmoid(x) likewise
+    sigmoid(x) = (1 if x >= 0 else e) / (1 + e),  sigmoid(-x) = (e if x >= 0 else 1) / (1 + e)
 
 The gradient is never formed as sigmoid(x) - t: for t = 1 and x = 17 that difference rounds to 0
 in fp32 where the exact value is -sigmoid(-17) = -4.1e-8. Written as above, each term is a
