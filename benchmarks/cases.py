@@ -558,7 +558,8 @@ def _train_case(dtype: torch.dtype, batch: int, smoke: bool) -> Case:
 
     return Case(
         "train", f"DCGAN{size} step B={batch} {_dtype_name(dtype)}", make_inputs,
-        {"fastgen": build("fastgen"), "eager": build("eager")}, expected,
+        {impl: build(impl) for impl in templates},  # make_step calls build: a fresh state per step
+        expected,
         floor_bytes=0, traffic_bytes=None, tolerance=CONV_TOLERANCE[dtype], kind="train", dtype=dtype,
         layers=tuple(DCGAN64_LAYERS),
         compiled=("fastgen-compile", *EAGER_COMPILED), build=build,

@@ -24,6 +24,9 @@ def test_step(benchmark, case, impl):
         pytest.skip(f"{case.group} has no {impl} implementation")
     if impl in COMPILED and not CUDA:
         pytest.skip("torch.compile rows are measured on CUDA only; the CPU run proves the harness")
+    if case.kind in ("model", "train") and impl.startswith("fastgen") and not CUDA:
+        pytest.skip("a whole model takes minutes through the interpreter; tests/test_gan_models.py "
+                    "checks the fused DCGAN there")
     torch.manual_seed(0)
     inputs = case.make_inputs(DEVICE)
     step = make_step(case, impl, inputs)
