@@ -146,16 +146,15 @@ def time_limit(seconds: float | None):
 
 
 def _fresh_compiles() -> None:
-    # Each case compiles its own static graphs, as in the session's warm jobs (one process per
-    # row): otherwise a function compiled for a second shape recompiles with dynamic shapes, a
-    # graph no warm job built.
+    # Each row compiles its own static graphs, as in the session's warm jobs (one process per
+    # row), so its compiles hit their caches: otherwise a function compiled again for another
+    # shape recompiles with dynamic shapes, a graph no warm job built.
     torch._dynamo.reset()
 
 
 def run_case(case: Case, impls: tuple[str, ...], device: torch.device, cuda: bool,
              copy_gbs: float, matmul_tflops: float, row_limit_s: float | None = None) -> list[dict]:
     """Time every implementation of ``case`` on the same inputs; one dict per row."""
-    _fresh_compiles()
     torch.manual_seed(0)
     inputs = case.make_inputs(device)
     rows = []
@@ -180,6 +179,7 @@ def run_case(case: Case, impls: tuple[str, ...], device: torch.device, cuda: boo
 
 def _time_row(row: dict, case: Case, impl: str, inputs: tuple, cuda: bool, copy_gbs: float,
               matmul_tflops: float) -> None:
+    _fresh_compiles()
     start = time.perf_counter()
     step = make_step(case, impl, inputs)
     outputs = step()  # warm-up and compilation, outside every timing
@@ -218,11 +218,11 @@ def _time_row(row: dict, case: Case, impl: str, inputs: tuple, cuda: bool, copy_
 def warm_case(case: Case, impls: tuple[str, ...], device: torch.device) -> list[dict]:
     """The first call of each implementation, untimed and unchecked: what a warm job does to fill
     the Triton and Inductor caches for the timing run. One dict per row with its seconds."""
-    _fresh_compiles()
     torch.manual_seed(0)
     inputs = case.make_inputs(device)
     rows = []
     for impl in (i for i in impls if i in case.impls):
+        _fresh_compiles()
         start = time.perf_counter()
         make_step(case, impl, inputs)()
         if device.type == "cuda":

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -195,11 +196,12 @@ def _device_line(out: Path) -> str:
 
 
 def summarize(plan: P.Plan, phases: dict[str, dict], jobs: dict[str, dict], out: Path) -> str:
-    """The one-screen summary: device, phases (estimated, limit, measured), tests, warm jobs, and
-    per case fastgen's ratios against eager and torch.compile with the bar and correctness."""
+    """The one-screen summary: device, phases (estimated, limit, measured), tests, compile and
+    timing seconds against their estimates, and per case fastgen's ratios against eager and
+    torch.compile, with the bar and correctness."""
     lines = [_device_line(out)]
     total = sum(p.get("seconds", 0.0) for p in phases.values())
-    lines.append(f"phases (estimate / limit / measured s): " + ", ".join(
+    lines.append("phases (estimate / limit / measured s): " + ", ".join(
         f"{name} {plan.phases[name]:.0f}/{p.get('limit_s', 0):.0f}/{p.get('seconds', 0):.0f} {p['status']}"
         for name, p in phases.items()) + f"; total {total:.0f} of {plan.budget_s:.0f} s")
     tests = _test_counts(out / "tests")
@@ -209,10 +211,8 @@ def summarize(plan: P.Plan, phases: dict[str, dict], jobs: dict[str, dict], out:
                  + (", ".join(r["status"] for r in shards) or "none"))
     lines += [f"  FAILED {name}" for name in tests["failed"][:8]]
     warm = {name: r for name, r in jobs.items() if not name.startswith("tests ")}
-    by_status = {}
-    for r in warm.values():
-        by_status[r["status"]] = by_status.get(r["status"], 0) + 1
-    lines.append(f"warm jobs: {len(warm)} ({', '.join(f'{n} {s}' for s, n in sorted(by_status.items()))}), "
+    statuses = Counter(r["status"] for r in warm.values())
+    lines.append(f"warm jobs: {len(warm)} ({', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))}), "
                  f"{sum(r['seconds'] for r in warm.values()):.0f} s of worker time (estimated "
                  f"{sum(r['est_s'] for r in warm.values()):.0f})")
     lines += [f"  {r['status'].upper()} {name} ({r['seconds']:.0f} s, estimated {r['est_s']:.0f})"
@@ -221,7 +221,13 @@ def summarize(plan: P.Plan, phases: dict[str, dict], jobs: dict[str, dict], out:
     reports = sorted(out.glob("*-session.json"))
     rows = json.loads(reports[-1].read_text())["rows"] if reports else []
     by_key = {(f"{r['family']} {r['case']}", r["impl"]): r for r in rows}
-    lines.append(f"\n{'case':<44}{'fastgen ms':>11}{'vs eager':>9}{'vs compile':>11}  {'bar':<10}ok")
+    planned = {(row.case.group, row.impl): row for row in plan.rows}
+    first = sum(r.get("first_call_s", 0.0) for r in rows)
+    first_est = sum(planned[key].bench_s - P.TIMING_S for key in by_key if key in planned)
+    lines.append(f"timing phase: first calls {first:.0f} s (estimated {first_est:.0f}), timing and checks "
+                 f"{sum(r.get('row_s', 0.0) for r in rows) - first:.0f} s (estimated {P.TIMING_S * len(rows):.0f})")
+
+    lines.append(f"\n{'case':<44}{'fastgen ms':>11}{'vs eager':>9}{'vs compile':>11}  {'bar':<11}ok")
     for case in {row.case.group: row.case for row in plan.rows}.values():
         fast = by_key.get((case.group, "fastgen"))
         if fast is None or "ms" not in fast:
@@ -232,20 +238,20 @@ def summarize(plan: P.Plan, phases: dict[str, dict], jobs: dict[str, dict], out:
         if case.bar:
             met = eager is not None and eager >= case.bar[0] and (
                 case.bar[1] is None or (compiled is not None and compiled >= case.bar[1]))
-            bar = f"{case.bar[0]:g}/{case.bar[1] or '-'}:{'MET' if met else 'no'}"
-        extra = f"  {fast['images_per_s']:.0f} img/s" if "images_per_s" in fast else ""
-        ok = all(r.get("ok") for (g, _), r in by_key.items() if g == case.group)
+            bar = f"{case.bar[0]:g}/{case.bar[1] or '-'} {'MET' if met else 'no'}"
+        ok = all(r.get("ok") for (group, _), r in by_key.items() if group == case.group)
+        images = f"  {fast['images_per_s']:.0f} img/s" if "images_per_s" in fast else ""
         lines.append(f"{case.group:<44}{_ms(fast):>11}{_ratio(eager):>9}{_ratio(compiled):>11}  "
-                     f"{bar:<10}{'yes' if ok else 'NO'}{extra}")
+                     f"{bar:<11}{'yes' if ok else 'NO'}{images}")
         inside = by_key.get((case.group, "fastgen-compile"))
         if inside is not None and "ms" in inside:
-            lines.append(f"{'  fastgen in torch.compile':<44}{_ms(inside):>11}"
+            lines.append(f"{'  fastgen inside torch.compile':<44}{_ms(inside):>11}"
                          f"{_ratio(inside.get('speedup_vs_eager')):>9}{_ratio(inside.get('speedup_vs_compile')):>11}")
-    bad = [f"  {key[0]} | {key[1]}: " + (r.get("error") or f"max rel err {r['max_rel_err']:.1e}")
-           for key, r in by_key.items() if not r.get("ok")]
-    missing = [f"{row.case.group} | {row.impl}" for row in plan.rows if (row.case.group, row.impl) not in by_key]
+    bad = [f"  {group} | {impl}: " + (r.get("error") or f"max rel err {r['max_rel_err']:.1e}")
+           for (group, impl), r in by_key.items() if not r.get("ok")]
+    missing = [key for key in planned if key not in by_key]
     lines.append(f"\nrows: {len(rows)} run of {len(plan.rows)} planned, {len(bad)} wrong or failed"
-                 + (f", not run: {len(missing)}" if missing else ""))
+                 + (f", {len(missing)} not run" if missing else ""))
     lines += bad[:8]
     return "\n".join(lines) + "\n"
 
@@ -311,12 +317,16 @@ def main(argv: list[str] | None = None) -> int:
     text = P.format_plan(plan)
     if collected["status"] != "ok":
         text += f"\n\nWARNING: collecting the tests {collected['status']} (rc {collected['rc']})"
-    if args.dry_run or not plan.fits:
+    over = (f"The plan's estimate, {plan.total_s:.0f} s, exceeds the budget of {plan.budget_s:.0f} s: "
+            "drop rows (--only, --with) or raise --budget-s.")
+    if args.dry_run:
         print(text)
         if not plan.fits:
-            print(f"\nThe plan's estimate, {plan.total_s:.0f} s, exceeds the budget of {plan.budget_s:.0f} s: "
-                  "drop rows (--only, --with) or raise --budget-s.", file=sys.stderr)
+            print(f"\n{over}", file=sys.stderr)
         return 0 if plan.fits else 1
+    if not plan.fits:  # the limits still end the session inside the budget: late phases are cut
+        text += f"\n\nWARNING: {over}"
+        print(f"WARNING: {over} Running anyway: the phase limits cut what does not fit.", flush=True)
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)

@@ -100,7 +100,7 @@ def test_model_rows_wait_for_their_layers_kernels():
         + max(j.est_s for j in plan.jobs if j.after))
 
 
-def test_flags_add_rows_and_a_plan_over_budget_is_refused():
+def test_flags_add_rows_and_a_dry_run_over_budget_fails():
     fp32 = {c.group for c, _ in select(all_cases(), ["fp32"])} - {c.group for c, _ in select(all_cases())}
     assert "dcgan64 G B=256 fp32" in fp32 and "reparameterize 65536x512 fp32" in fp32
     rc, text, err = _main(["--dry-run", "--with", "max-autotune", "--tests", "none"])
