@@ -238,7 +238,8 @@ def format_plan(plan: Plan) -> str:
         what = PHASE_WHAT[name]
         if name == "compile+tests":
             warm = sum(1 for j in plan.jobs if not j.tests)
-            what += f": {warm} warm jobs, {len(plan.jobs) - warm} shards of {plan.n_tests} tests"
+            what += (f": {warm} warm jobs, {len(plan.jobs) - warm} shards of {plan.n_tests} tests, "
+                     f"{sum(j.est_s for j in plan.jobs):.0f} s of work on {plan.workers} workers")
         elif name == "bench":
             what += f": {len(plan.rows)} rows"
         lines.append(f"{name:<15}{est:>9.0f}s{hard[name]:>8.0f}s  {what}")
