@@ -6,7 +6,14 @@ it the per-tile statistics buffer the host allocates before the launch, depends 
 shape. A :class:`Tuner` instead receives the whole host-side launch as a function of a
 candidate (a :class:`TileConfig`, or any hashable, e.g. an implementation's name), times it once
 for every candidate that fits the shape, and keeps the fastest per key (shape, dtype, kernel
-variant) for the rest of the process.
+variant) for the rest of the process. Keys hold the batch size's bucket (:func:`batch_bucket`),
+not the batch size, as Triton's autotune keys hold bucketed dimensions: a smaller last batch or
+an eval batch in the same bucket takes the bucket's choice instead of compiling and timing again.
+
+Tile candidates whose operand pipeline cannot fit a GPU's shared memory
+(:meth:`TileConfig.shared_bytes` against :data:`SHARED_MEMORY_PER_BLOCK`) are left out for that
+GPU and dtype before anything is timed; ``benchmarks/compile_report.py`` checks, by compiling
+them for sm_90a and sm_80, that every candidate left in fits.
 
 Policy (:func:`tuning_enabled`):
 
@@ -38,6 +45,19 @@ T = TypeVar("T")
 C = TypeVar("C", bound=Hashable)
 
 
+# The most shared memory one block may use (the opt-in maximum), by compute capability.
+SHARED_MEMORY_PER_BLOCK = {(8, 0): 163 * 1024, (8, 6): 99 * 1024, (8, 7): 163 * 1024,
+                           (8, 9): 99 * 1024, (9, 0): 227 * 1024, (10, 0): 227 * 1024,
+                           (12, 0): 99 * 1024}
+
+
+def batch_bucket(n: int) -> int:
+    """The batch size a tuning key holds for a batch of ``n``: the next power of two."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected a batch size >= 1, got {n!r}")
+    return 1 << (n - 1).bit_length()
+
+
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
     """A GEMM tile: ``m`` x ``n`` output block, ``k`` reduction step, and Triton launch options."""
@@ -47,6 +67,19 @@ class TileConfig:
     k: int
     num_warps: int = 4
     num_stages: int = 3
+
+    def shared_bytes(self, itemsize: int, capability: tuple[int, int]) -> int:
+        """Shared memory of the software pipeline's operand buffers, an m x k and a k x n tile of
+        ``itemsize`` bytes per stage: Triton keeps ``num_stages`` of them on sm_90 and later,
+        ``num_stages - 1`` before (the epilogue reuses the same memory)."""
+        buffers = self.num_stages if capability >= (9, 0) else max(1, self.num_stages - 1)
+        return buffers * (self.m * self.k + self.k * self.n) * itemsize
+
+    def fits(self, itemsize: int, capability: tuple[int, int]) -> bool:
+        """Whether the operand buffers fit a block's shared memory on ``capability`` (True for a
+        GPU missing from SHARED_MEMORY_PER_BLOCK: a failing launch then drops out when timed)."""
+        limit = SHARED_MEMORY_PER_BLOCK.get(tuple(capability))
+        return limit is None or self.shared_bytes(itemsize, capability) <= limit
 
 
 class NoCandidateError(RuntimeError):
@@ -84,25 +117,48 @@ class Tuner(Generic[C]):
         self.chosen: dict[Hashable, C] = {}
         self.benchmark_ms: Callable[[Callable[[], object]], float] = _benchmark_ms
 
-    def candidates_for(self, device: torch.device) -> tuple[C, ...]:
-        """The candidates on ``device``: all of them on CUDA, the interpreter's elsewhere."""
-        return self.candidates if device.type == "cuda" else (self.interpreter,)
+    def candidates_for(self, device: torch.device, dtype: torch.dtype | None = None,
+                       capability: tuple[int, int] | None = None) -> tuple[C, ...]:
+        """The candidates on ``device``: the interpreter's on the CPU; on CUDA every candidate
+        except the tiles whose operands of ``dtype`` cannot fit the GPU's shared memory.
+
+        Args:
+            dtype: the GEMM operands' dtype; None keeps every candidate.
+            capability: the GPU's compute capability; None asks ``device``.
+        """
+        if device.type != "cuda":
+            return (self.interpreter,)
+        if dtype is None:
+            return self.candidates
+        if capability is None:
+            capability = torch.cuda.get_device_capability(device)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return tuple(c for c in self.candidates
+                     if not isinstance(c, TileConfig) or c.fits(itemsize, capability))
 
     def choose(self, key: Hashable, device: torch.device, fit: Callable[[C], C],
-               launch: Callable[[C], object]) -> C:
+               launch: Callable[[C], object], dtype: torch.dtype | None = None) -> C:
         """This key's candidate, timed with ``launch`` the first time the key is seen.
 
         Args:
-            key: everything the best candidate may depend on (shapes, dtype, kernel variant).
+            key: everything the best candidate may depend on (shapes with the batch size
+                bucketed by :func:`batch_bucket`, dtype, kernel variant).
             fit: adapts a candidate to the problem (e.g. shrinks tiles wider than the matrix);
-                candidates that become equal are timed once.
+                candidates that become equal are timed once. It must give the same config for
+                every problem of a key.
             launch: runs the work with a candidate. It must have no lasting effect: timing calls
                 it several times.
+            dtype: the operands' dtype, for :meth:`candidates_for`.
+
+        Raises:
+            NoCandidateError: no candidate fits this GPU, or none compiles and runs.
         """
         tuned_key = (device.index, key)
         if tuned_key in self.chosen:  # also while tuning is off, e.g. during CUDA-graph capture
             return self.chosen[tuned_key]
-        candidates = self.candidates_for(device)
+        candidates = self.candidates_for(device, dtype)
+        if not candidates:
+            raise NoCandidateError(f"{self.name}: no candidate fits this GPU's shared memory for {dtype}")
         if not tuning_enabled(device):
             return fit(candidates[0])
         candidates = list(dict.fromkeys(fit(c) for c in candidates))
@@ -110,9 +166,9 @@ class Tuner(Generic[C]):
         return self.chosen[tuned_key]
 
     def run(self, key: Hashable, device: torch.device, fit: Callable[[C], C],
-            launch: Callable[[C], T]) -> T:
+            launch: Callable[[C], T], dtype: torch.dtype | None = None) -> T:
         """``launch(self.choose(...))``: for launches that allocate their outputs and do nothing else."""
-        return launch(self.choose(key, device, fit, launch))
+        return launch(self.choose(key, device, fit, launch, dtype))
 
     def _fastest(self, key: Hashable, candidates: list[C], launch: Callable[[C], object]) -> C:
         times: dict[C, float] = {}

@@ -63,7 +63,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc_dtype, tl_acc_dtype
-from ._tuning import TileConfig, Tuner
+from ._tuning import TileConfig, Tuner, batch_bucket
 
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4}
 
@@ -544,7 +544,8 @@ def _conv_gemm(a: torch.Tensor, weight: torch.Tensor, out_hw: tuple[int, int],
     acc = acc_dtype(a.dtype)
     precision = _precision(a.dtype, a.device)
     n_phases = stride[0] * stride[1] if transposed else 1
-    phase_rows = N * (triton.cdiv(HO, stride[0]) * triton.cdiv(WO, stride[1]) if transposed else HO * WO)
+    sample_rows = triton.cdiv(HO, stride[0]) * triton.cdiv(WO, stride[1]) if transposed else HO * WO
+    phase_rows = N * sample_rows
     store_y = epilogue != AFFINE.value or store_pre
     y = torch.empty((N, HO, WO, C_b), dtype=a.dtype, device=a.device) if store_y else None
     out, out_strides = None, (0, 0, 0)
@@ -552,9 +553,9 @@ def _conv_gemm(a: torch.Tensor, weight: torch.Tensor, out_hw: tuple[int, int],
         out, out_strides = _activation_output(N, C_b, out_hw, a.dtype, a.device, channels_last)
     dummy = a  # pointer arguments the chosen constexpr branches never touch
 
-    def fit(config: TileConfig) -> TileConfig:
-        return dataclasses.replace(config, m=_tile(phase_rows, config.m), n=_tile(C_b, config.n),
-                                   k=_tile(C_a, config.k))
+    def fit(config: TileConfig) -> TileConfig:  # for the key's batch bucket: one tile per key
+        return dataclasses.replace(config, m=_tile(batch_bucket(N) * sample_rows, config.m),
+                                   n=_tile(C_b, config.n), k=_tile(C_a, config.k))
 
     def launch(config: TileConfig) -> torch.Tensor | None:
         grid = (triton.cdiv(phase_rows, config.m), triton.cdiv(C_b, config.n), n_phases)
@@ -572,9 +573,9 @@ def _conv_gemm(a: torch.Tensor, weight: torch.Tensor, out_hw: tuple[int, int],
             num_stages=config.num_stages)
         return part
 
-    key = (a.shape, out_hw, C_b, KH, KW, stride, padding, transposed, epilogue, pre is not None,
-           store_pre, a.dtype, precision)
-    part = GEMM_TUNER.run(key, a.device, fit, launch)
+    key = (batch_bucket(N), H, W, C_a, out_hw, C_b, KH, KW, stride, padding, transposed, epilogue,
+           pre is not None, store_pre, a.dtype, precision)
+    part = GEMM_TUNER.run(key, a.device, fit, launch, a.dtype)
     return y, out, part
 
 
@@ -672,8 +673,9 @@ def conv_weight_grad(x: torch.Tensor, dout: torch.Tensor, y: torch.Tensor, coef:
             BLOCK_M=config.k, num_warps=config.num_warps, num_stages=config.num_stages)
         return part
 
-    key = (g.shape, d.shape, KH, KW, stride, padding, transposed, x.dtype, precision)
-    part = WGRAD_TUNER.run(key, x.device, fit, launch)
+    key = (batch_bucket(N), g.shape[1:], d.shape[1:], KH, KW, stride, padding, transposed, x.dtype,
+           precision)
+    part = WGRAD_TUNER.run(key, x.device, fit, launch, x.dtype)
     split = part.shape[0]
     # A fixed-order sum over the splits keeps the result deterministic.
     dw = part[0] if split == 1 else part.sum(0)

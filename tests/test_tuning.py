@@ -135,3 +135,64 @@ def test_a_timed_key_keeps_its_choice_while_tuning_is_off(monkeypatch, tuning_on
     assert tuner.choose("shape", CUDA, identity, launch) == B
     assert tuner.choose("new shape", CUDA, identity, launch) == A
     assert timer.timed == [A, B, C]
+
+
+@pytest.mark.parametrize("n, bucket", [(1, 1), (2, 2), (3, 4), (4, 4), (5, 8), (100, 128), (128, 128)])
+def test_batch_bucket_is_the_next_power_of_two(n, bucket):
+    assert _tuning.batch_bucket(n) == bucket
+
+
+@pytest.mark.parametrize("n", [0, -3, 2.0, True])
+def test_batch_bucket_rejects_what_is_not_a_batch_size(n):
+    with pytest.raises(ValueError, match="n: expected a batch size"):
+        _tuning.batch_bucket(n)
+
+
+def test_conv_tiles_are_chosen_per_batch_bucket(monkeypatch):
+    """A smaller last batch (here 13 after 16) or an eval batch in the same bucket reuses the
+    bucket's tiles instead of compiling and timing again: same key, same fitted candidates."""
+    from fastgen.kernels import conv_bn_act as K
+
+    seen = []
+
+    def spy(tuner):
+        def run(key, device, fit, launch, dtype=None):
+            seen.append((tuner.name, key, [fit(c) for c in tuner.candidates]))
+            return torch.zeros(1, 1, 1, 1, 1)  # the launch's output; nothing runs
+        return run
+
+    for tuner in (K.GEMM_TUNER, K.WGRAD_TUNER):
+        monkeypatch.setattr(tuner, "run", spy(tuner))
+    weight = torch.randn(16, 8, 3, 3)
+    for n in (16, 13, 9):
+        x, dout = torch.randn(n, 5, 5, 8), torch.randn(n, 5, 5, 16)
+        K.conv_stats_forward(x, weight, (5, 5), (1, 1), (1, 1), False)
+        K.conv_weight_grad(x, dout, dout, torch.randn(8, 16), weight.shape, (1, 1), (1, 1), False,
+                           "relu", 0.0, torch.float32)
+    gemm, wgrad = seen[0::2], seen[1::2]
+    assert all(s == gemm[0] for s in gemm) and all(s == wgrad[0] for s in wgrad)
+    x = torch.randn(8, 5, 5, 8)  # the next bucket down is another key
+    K.conv_stats_forward(x, weight, (5, 5), (1, 1), (1, 1), False)
+    assert seen[-1][1] != gemm[0][1]
+
+
+BIG = TileConfig(128, 128, 64, num_warps=8)  # fp32: 64 KB of operands per pipeline stage
+
+
+@pytest.mark.parametrize("dtype, capability, kept", [
+    (torch.float32, (9, 0), [BIG, A]), (torch.float32, (8, 0), [BIG, A]), (torch.float32, (8, 6), [A]),
+    (torch.bfloat16, (8, 6), [BIG, A]), (torch.float32, (7, 2), [BIG, A]), (None, (8, 6), [BIG, A])])
+def test_tiles_that_cannot_fit_shared_memory_are_left_out(dtype, capability, kept):
+    """Statically, per GPU and dtype: BIG's 3 stages of fp32 operands (2 before sm_90) fit an H100
+    block (227 KB) and an A100's (163 KB), not an RTX 3090's (99 KB); an unknown GPU, or no dtype,
+    keeps every candidate (a failing launch drops out when timed)."""
+    tuner = Tuner("test kernel", [BIG, A], interpreter=INTERPRETER)
+    assert list(tuner.candidates_for(CUDA, dtype, capability)) == kept
+    assert tuner.candidates_for(torch.device("cpu"), dtype, capability) == (INTERPRETER,)
+
+
+def test_no_tile_that_fits_is_a_clear_error(monkeypatch, tuning_on):
+    tuner = Tuner("test kernel", [BIG], interpreter=INTERPRETER)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 6))
+    with pytest.raises(NoCandidateError, match="test kernel: no candidate fits"):
+        tuner.run("k", CUDA, identity, Launches(), torch.float32)
