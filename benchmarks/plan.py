@@ -45,7 +45,8 @@ FIRST_CALL_S = {"op": 1.0, "layer": 2.0, "model": 8.0, "train": 20.0}
 TIMING_S = 1.0
 BENCH_START_S = 12.0  # run.py: process start, copy bandwidth and matmul rate
 ROW_LIMIT_S = 90.0  # a row past this is stopped and reported (e.g. its warm job failed: a cold compile)
-JOB_LIMIT_FACTOR = 3.0  # a warm job or test shard past this many times its estimate is stopped
+JOB_LIMIT_FACTOR = 3.0  # a warm job or test shard past this many times its estimate is stopped,
+JOB_LIMIT_MIN_S = 60.0  # but never before this: 16 processes starting at once start slowly
 TEST_S = 10.0  # one GPU-marked test on a cold cache, FASTGEN_AUTOTUNE=0 (default tiles only)
 TEST_SHARD_S = 60.0  # tests per shard: about this many seconds each
 FACTS_S = 10.0  # nvidia-smi, NVML, versions

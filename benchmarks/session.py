@@ -84,8 +84,8 @@ def run_pool(jobs: list[P.Job], workers: int, limit_s: float,
              launch: Callable[[P.Job], subprocess.Popen], poll_s: float = 0.1) -> dict[str, dict]:
     """Run the jobs, ``workers`` at a time, ready jobs by longest critical path first (as
     plan.simulate assumes); a job waits for the jobs in its ``after`` to end (whatever their
-    status). A job past JOB_LIMIT_FACTOR times its estimate, and every job still running at
-    ``limit_s``, is killed. Returns {name: {"status", "rc", "seconds", "est_s"}}; jobs never
+    status). A job past JOB_LIMIT_FACTOR times its estimate (and JOB_LIMIT_MIN_S), and every job
+    still running at ``limit_s``, is killed. Returns {name: {"status", "rc", "seconds", "est_s"}}; jobs never
     started get status "not run"."""
     priority = P.critical_paths(jobs)
     pending = sorted(jobs, key=lambda j: -priority[j.name])
@@ -100,7 +100,8 @@ def run_pool(jobs: list[P.Job], workers: int, limit_s: float,
             running[job.name] = (launch(job), now, job)
         for name, (proc, start, job) in list(running.items()):
             rc = proc.poll()
-            if rc is None and now < deadline and now - start < P.JOB_LIMIT_FACTOR * job.est_s:
+            job_limit = max(P.JOB_LIMIT_FACTOR * job.est_s, P.JOB_LIMIT_MIN_S)
+            if rc is None and now < deadline and now - start < job_limit:
                 continue
             if rc is None:
                 _kill(proc)
@@ -310,9 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:  # no torch.compile rows on the CPU (run.py --smoke drops them too)
         selected = [(c, tuple(i for i in impls if i not in COMPILED)) for c, impls in selected]
     start = time.monotonic()
-    cache = None if args.dry_run else Path(tempfile.mkdtemp(prefix="fastgen-session-cache-"))
-    env = _env(cache, args.smoke)
-    test_ids, collected = collect_tests(args.tests, env, P.COLLECT_LIMIT_S)
+    test_ids, collected = collect_tests(args.tests, _env(None, args.smoke), P.COLLECT_LIMIT_S)
     plan = P.make_plan(selected, test_ids, workers, args.budget_s, args.flag_set)
     text = P.format_plan(plan)
     if collected["status"] != "ok":
@@ -335,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs: dict[str, dict] = {}
     remaining = dict(plan.phases)
     remaining.pop("collect")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below still runs
+    cache = Path(tempfile.mkdtemp(prefix="fastgen-session-cache-"))  # removed at the end
+    env = _env(cache, args.smoke)
     flags = ["--with", ",".join(args.flag_set)] + (["--smoke"] if args.smoke else [])
 
     def limit(name: str) -> float:
@@ -353,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         # Many compiling processes side by side: one compile thread each.
         return _start(cmd, env | {"TORCHINDUCTOR_COMPILE_THREADS": "1"}, out / "warm" / f"{_slug(job.name)}.log")
 
+    sigterm = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below still runs
     try:
         for name in list(remaining):
             if name == "summary":
@@ -378,8 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for proc in list(_RUNNING):
             _kill(proc)
-        if cache is not None:
-            shutil.rmtree(cache, ignore_errors=True)
+        signal.signal(signal.SIGTERM, sigterm)
+        shutil.rmtree(cache, ignore_errors=True)
         summary_start = time.monotonic()
         try:
             summary = summarize(plan, phases, jobs, out)

@@ -146,7 +146,8 @@ def _sleeper(seconds: dict[str, float], log_dir: Path, started: dict[str, float]
     return launch
 
 
-def test_run_pool_respects_order_and_kills_what_runs_past_its_limits(tmp_path):
+def test_run_pool_respects_order_and_kills_what_runs_past_its_limits(tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "JOB_LIMIT_MIN_S", 0.0)
     jobs = [P.Job("first", 1.0), P.Job("then", 1.0, after=("first",)),
             P.Job("hangs", 0.2),  # sleeps 30 s: killed at JOB_LIMIT_FACTOR x its estimate
             P.Job("late", 50.0), P.Job("never", 1.0, after=("late",))]
