@@ -459,6 +459,7 @@ def _model_case(kind: str, dtype: torch.dtype, batch: int, smoke: bool) -> Case:
     in_shape = (batch, fused.latent_size) if kind == "G" else (batch, 3, size, size)
 
     def make_inputs(device: torch.device) -> tuple[Tensor, ...]:
+        on(fused, device), on(plain, device)  # placed here, never inside a compiled call
         x = torch.randn(in_shape, device=device)
         if x.dim() == 4:
             x = x.to(memory_format=torch.channels_last)

@@ -1,5 +1,6 @@
 """benchmarks/run.py end to end in smoke mode: the report's files, fields and correctness checks."""
 
+import functools
 import json
 import time
 
@@ -84,3 +85,19 @@ def test_bad_options_fail_with_a_clear_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         run.main(["--smoke", *argv])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_compiled_rows_trace_and_match(monkeypatch):
+    """The torch.compile rows of whole models and the training step (aot_eager on the CPU, for
+    speed): fastgen's own D inside torch.compile (its conv ops graph-break or are library ops,
+    either way) and the compiled PyTorch step match the float64 reference."""
+    from benchmarks import cases
+
+    monkeypatch.setattr(cases.torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    smoke = {c.group: c for c in all_cases(smoke=True)}
+    for group, impl in (("dcgan64 D B=2 fp32", "fastgen-compile"), ("dcgan64 D B=2 fp32", "compile"),
+                        ("train DCGAN16 step B=2 fp32", "compile")):
+        torch._dynamo.reset()
+        case = smoke[group]
+        inputs = case.make_inputs(torch.device("cpu"))
+        assert check(case, inputs, make_step(case, impl, inputs)()) < 1e-5, (group, impl)
