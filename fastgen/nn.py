@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fastgen import functional as F
+from fastgen import activations, functional as F
 from fastgen.reference import REDUCTIONS, DLossOutput, GLossOutput
 
 __all__ = ["BCEWithLogits", "GANLoss", "Reparameterize"]
@@ -100,31 +100,6 @@ class Reparameterize(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Conv + BatchNorm + activation
 
-_ACTIVATION_MODULES: dict[str, type[nn.Module]] = {
-    "identity": nn.Identity, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid}
-
-
-def _activation_module(activation: str, negative_slope: float) -> nn.Module:
-    if activation not in _ACTIVATION_MODULES:
-        raise ValueError(f"activation: expected one of {', '.join(_ACTIVATION_MODULES)}, "
-                         f"got {activation!r}")
-    if activation == "leaky_relu":
-        return nn.LeakyReLU(negative_slope)
-    return _ACTIVATION_MODULES[activation]()
-
-
-def _activation_name(act: nn.Module | None) -> tuple[str, float] | None:
-    """(activation, negative_slope) of a torch activation module (None: identity), or None when
-    the fused op has no such activation."""
-    if act is None:
-        return "identity", 0.0
-    for name, cls in _ACTIVATION_MODULES.items():
-        if type(act) is cls:
-            return name, float(getattr(act, "negative_slope", 0.0))
-    return None
-
-
 def _unsupported_conv(conv: nn.Conv2d | nn.ConvTranspose2d) -> str | None:
     """Why the fused op cannot run ``conv`` (None when it can)."""
     if conv.groups != 1:
@@ -165,9 +140,9 @@ class _ConvNormAct(nn.Sequential):
                 raise NotImplementedError("conv: a bias before BatchNorm is not supported "
                                           "(training-mode BN cancels it); build the conv with "
                                           "bias=False")
-        activation = _activation_name(act)
+        activation = activations.name_of(act)
         if activation is None:
-            names = ", ".join(c.__name__ for c in _ACTIVATION_MODULES.values())
+            names = ", ".join(row.module.__name__ for row in activations.ACTIVATIONS.values())
             raise NotImplementedError(f"act: {type(act).__name__} is not supported; expected one "
                                       f"of {names} or None")
         act = nn.Identity() if act is None else act
@@ -232,7 +207,7 @@ class ConvBNAct(_ConvNormAct):
                          bias=not batch_norm, device=device, dtype=dtype)
         bn = (nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats,
                              device=device, dtype=dtype) if batch_norm else None)
-        super().__init__(conv, bn, _activation_module(activation, negative_slope))
+        super().__init__(conv, bn, activations.module(activation, negative_slope))
 
 
 class ConvTransposeBNAct(_ConvNormAct):
@@ -255,7 +230,7 @@ class ConvTransposeBNAct(_ConvNormAct):
                                   output_padding, bias=not batch_norm, device=device, dtype=dtype)
         bn = (nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats,
                              device=device, dtype=dtype) if batch_norm else None)
-        super().__init__(conv, bn, _activation_module(activation, negative_slope))
+        super().__init__(conv, bn, activations.module(activation, negative_slope))
 
 
 def from_torch(conv: nn.Module, bn: nn.BatchNorm2d | None = None,
@@ -278,7 +253,7 @@ def _fusable_run(children: list[nn.Module], i: int) -> int:
     if (j < len(children) and type(children[j]) is nn.BatchNorm2d and conv.bias is None
             and children[j].num_features == conv.out_channels):
         j += 1
-    if j < len(children) and _activation_name(children[j]) is not None:
+    if j < len(children) and activations.name_of(children[j]) is not None:
         j += 1
     return j - i if j - i > 1 else 0
 

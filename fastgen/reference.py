@@ -2,8 +2,9 @@
 
 Each function here has the same signature and semantics as its fused counterpart in
 :mod:`fastgen.functional`. They are written for clarity, from PyTorch's own operators, and import
-nothing but torch. Input validation lives in :mod:`fastgen.functional`, before the backend is
-chosen, so both paths see the same checks.
+nothing but torch and fastgen's activation table (:mod:`fastgen.activations`, torch only). Input
+validation lives in :mod:`fastgen.ops`, before the backend is chosen, so both paths see the same
+checks.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "tanh", "sigmoid")
+from fastgen.activations import ACTIVATIONS as _ACTIVATION_TABLE, check_activation
+
+ACTIVATIONS = tuple(_ACTIVATION_TABLE)
 REDUCTIONS = ("none", "mean", "sum", "per_sample")
 
 
@@ -171,17 +174,7 @@ def log_normal_diag(z: Tensor, mu: Tensor | None = None, logvar: Tensor | None =
 
 def activate(x: Tensor, activation: str, negative_slope: float = 0.2) -> Tensor:
     """Apply one of :data:`ACTIVATIONS` ("leaky_relu" uses ``negative_slope``)."""
-    if activation == "identity":
-        return x
-    if activation == "relu":
-        return F.relu(x)
-    if activation == "leaky_relu":
-        return F.leaky_relu(x, negative_slope)
-    if activation == "tanh":
-        return torch.tanh(x)
-    if activation == "sigmoid":
-        return torch.sigmoid(x)
-    raise ValueError(f"activation: expected one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    return _ACTIVATION_TABLE[check_activation(activation)].fn(x, negative_slope)
 
 
 def conv_bn_act(x: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,

@@ -248,29 +248,6 @@ def test_generator_argument_seeds_the_noise():
     assert torch.equal(first, same[0]) and (first != second).all()
 
 
-def test_cuda_seed_and_offset_bookkeeping_without_a_gpu():
-    # On CUDA the key is the generator's seed and the first counter its Philox offset, which the
-    # call advances past its counters in torch's unit of 4 (checked on a stand-in generator).
-    class Generator:
-        def __init__(self):
-            self.offset = 8
-
-        def initial_seed(self):
-            return 42
-
-        def get_offset(self):
-            return self.offset
-
-        def set_offset(self, offset):
-            self.offset = offset
-
-    gen = Generator()
-    first = F._philox_seed_offset(gen, torch.device("cuda"), 10)
-    second = F._philox_seed_offset(gen, torch.device("cuda"), 3)
-    assert first[1] == 8 and second[1] == 20 and gen.offset == 24
-    assert first[0] == second[0] != 42 and 0 <= first[0] < 2**63  # the tagged key
-
-
 # ----------------------------------------------------------------------------------------------
 # Against the reference, given the kernel's noise
 

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from fastgen import functional as F
-from fastgen.nn import ConvBNAct, ConvTransposeBNAct
+from fastgen.models._layers import conv_block
 
 __all__ = ["AutoEncoder", "ARCHS", "LIKELIHOODS", "check_config", "check_batch", "check_positive",
            "build_encoder", "build_decoder", "reconstruction_nll", "output_mean"]
@@ -44,7 +44,6 @@ __all__ = ["AutoEncoder", "ARCHS", "LIKELIHOODS", "check_config", "check_batch",
 ARCHS = ("mlp", "conv")
 LIKELIHOODS = ("bernoulli", "gaussian")
 DEFAULT_HIDDEN = {"mlp": (512, 256), "conv": (32, 64)}
-_LEAKY_SLOPE = 0.2
 
 
 def _is_positive_int(value: object) -> bool:
@@ -78,17 +77,6 @@ def check_config(input_shape: Sequence[int], arch: str, likelihood: str,
     return shape, widths
 
 
-def _conv_block(in_channels: int, out_channels: int, *, transposed: bool,
-                output_padding: tuple[int, int] = (0, 0), batch_norm: bool = True,
-                activation: str = "relu") -> nn.Module:
-    """4x4 stride-2 conv (or transposed conv) -> BatchNorm2d (if ``batch_norm``) -> activation, fused."""
-    if transposed:
-        return ConvTransposeBNAct(in_channels, out_channels, 4, 2, 1, output_padding, batch_norm=batch_norm,
-                                  activation=activation, negative_slope=_LEAKY_SLOPE)
-    return ConvBNAct(in_channels, out_channels, 4, 2, 1, batch_norm=batch_norm, activation=activation,
-                     negative_slope=_LEAKY_SLOPE)
-
-
 def _spatial_sizes(shape: tuple[int, ...], stages: int) -> list[tuple[int, int]]:
     """(H, W) before each stride-2 stage and after the last: a 4x4 stride-2 pad-1 conv floors H / 2."""
     sizes = [shape[1:]]
@@ -108,7 +96,7 @@ def build_encoder(input_shape: tuple[int, ...], out_features: int, arch: str,
             width = h
         return nn.Sequential(*layers, nn.Linear(width, out_features))
     channels = (input_shape[0], *hidden)
-    blocks = [_conv_block(c_in, c_out, transposed=False, batch_norm=i > 0, activation="leaky_relu")
+    blocks = [conv_block(c_in, c_out, transposed=False, batch_norm=i > 0, activation="leaky_relu")
               for i, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:]))]
     h, w = _spatial_sizes(input_shape, len(hidden))[-1]
     return nn.Sequential(*blocks, nn.Flatten(), nn.Linear(hidden[-1] * h * w, out_features))
@@ -131,7 +119,7 @@ def build_decoder(in_features: int, input_shape: tuple[int, ...], arch: str,
     for stage in reversed(range(len(hidden))):
         (h_out, w_out), (h_in, w_in) = sizes[stage], sizes[stage + 1]
         last = stage == 0
-        layers.append(_conv_block(channels[stage + 1], channels[stage], transposed=True,
+        layers.append(conv_block(channels[stage + 1], channels[stage], transposed=True,
                                   output_padding=(h_out - 2 * h_in, w_out - 2 * w_in), batch_norm=not last,
                                   activation="identity" if last else "relu"))
     return nn.Sequential(*layers)

@@ -27,42 +27,12 @@ import math
 import torch
 from torch import Tensor, nn
 
-from fastgen.nn import ConvBNAct, ConvTransposeBNAct
+from fastgen.models._layers import activation as _activation, conv_block, spectral as _spectral
 
 __all__ = ["DCGANGenerator", "DCGANDiscriminator", "MLPGenerator", "MLPDiscriminator",
            "CONDITIONINGS", "init_dcgan_weights"]
 
 CONDITIONINGS = ("none", "projection", "acgan")
-_LEAKY_SLOPE = 0.2
-
-
-def _activation(name: str) -> nn.Module:
-    if name == "relu":
-        return nn.ReLU()
-    if name == "leaky_relu":
-        return nn.LeakyReLU(_LEAKY_SLOPE)
-    raise ValueError(f"activation: expected relu or leaky_relu, got {name!r}")
-
-
-def _spectral(layer: nn.Module, enabled: bool) -> nn.Module:
-    return nn.utils.parametrizations.spectral_norm(layer) if enabled else layer
-
-
-def _conv_block(in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int, *,
-                transposed: bool = False, batch_norm: bool = True, activation: str = "relu",
-                spectral_norm: bool = False) -> ConvBNAct | ConvTransposeBNAct:
-    """Conv2d or ConvTranspose2d, BatchNorm2d, activation as one fused module: children 0 (conv),
-    1 (BN) and 2 (activation), or 0 and 1 without BN; the activations own no tensors, so the
-    state_dict keys are those of ``nn.Sequential(conv, bn or nn.Identity(), act)``.
-
-    The conv has a bias only without BN (BN's shift makes it redundant). Spectral norm
-    parametrizes the conv in place: the fused forward reads its normalized weight.
-    """
-    block_type = ConvTransposeBNAct if transposed else ConvBNAct
-    block = block_type(in_channels, out_channels, kernel_size, stride, padding, batch_norm=batch_norm,
-                       activation=activation, negative_slope=_LEAKY_SLOPE)
-    _spectral(block[0], spectral_norm)  # parametrizes in place: block[0] stays the conv
-    return block
 
 
 def init_dcgan_weights(module: nn.Module) -> None:
@@ -133,11 +103,11 @@ class DCGANGenerator(nn.Module):
                                       _check_positive("embed_size", embed_size))
             in_channels += embed_size
         hidden = width * 2 ** (stages - 1)
-        layers = [_conv_block(in_channels, hidden, 4, 1, 0, transposed=True)]
+        layers = [conv_block(in_channels, hidden, 4, 1, 0, transposed=True)]
         for _ in range(stages - 1):
-            layers.append(_conv_block(hidden, hidden // 2, 4, 2, 1, transposed=True))
+            layers.append(conv_block(hidden, hidden // 2, 4, 2, 1, transposed=True))
             hidden //= 2
-        layers.append(_conv_block(hidden, channels, 4, 2, 1, transposed=True, batch_norm=False,
+        layers.append(conv_block(hidden, channels, 4, 2, 1, transposed=True, batch_norm=False,
                                   activation="tanh"))
         self.net = nn.Sequential(*layers)
         self.apply(init_dcgan_weights)
@@ -181,18 +151,18 @@ class DCGANDiscriminator(nn.Module):
                              "use 'none' exactly for unconditional models")
         self.num_classes = num_classes
         self.conditioning = conditioning
-        layers = [_conv_block(channels, width, 4, 2, 1, batch_norm=False, activation="leaky_relu",
+        layers = [conv_block(channels, width, 4, 2, 1, batch_norm=False, activation="leaky_relu",
                               spectral_norm=spectral_norm)]
         hidden = width
         for _ in range(stages - 1):
-            layers.append(_conv_block(hidden, hidden * 2, 4, 2, 1, batch_norm=batch_norm,
+            layers.append(conv_block(hidden, hidden * 2, 4, 2, 1, batch_norm=batch_norm,
                                       activation="leaky_relu", spectral_norm=spectral_norm))
             hidden *= 2
         self.body = nn.Sequential(*layers)
-        self.out = _conv_block(hidden, 1, 4, 1, 0, batch_norm=False, activation="identity",
+        self.out = conv_block(hidden, 1, 4, 1, 0, batch_norm=False, activation="identity",
                                spectral_norm=spectral_norm)
         self.embed = nn.Embedding(num_classes, hidden) if conditioning == "projection" else None
-        self.aux = (_conv_block(hidden, num_classes, 4, 1, 0, batch_norm=False, activation="identity")
+        self.aux = (conv_block(hidden, num_classes, 4, 1, 0, batch_norm=False, activation="identity")
                     if conditioning == "acgan" else None)
         self.apply(init_dcgan_weights)
 

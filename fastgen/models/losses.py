@@ -22,7 +22,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fastgen.backend import use_backend
 from fastgen.nn import GANLoss
 from fastgen.reference import DLossOutput, GLossOutput
 
@@ -84,9 +83,8 @@ def gradient_penalty(critic: Callable[[Tensor], Tensor], real: Tensor, fake: Ten
     """WGAN-GP penalty ``mean (||grad_x critic(x_hat)|| - 1)^2`` at random interpolates (Gulrajani et al., 2017).
 
     Args:
-        critic: maps a batch shaped like ``real`` to outputs ``(B,)`` (bind labels in a closure).
-            It runs on the reference backend: the penalty differentiates it twice, and fastgen's
-            fused Triton ops are differentiable once.
+        critic: maps a batch shaped like ``real`` to outputs ``(B,)`` (bind labels in a closure);
+            the penalty differentiates it twice, which fastgen's fused ops support.
         real, fake: ``(B, ...)`` batches of the same shape; ``fake`` is detached here.
 
     Returns:
@@ -95,9 +93,7 @@ def gradient_penalty(critic: Callable[[Tensor], Tensor], real: Tensor, fake: Ten
     """
     alpha = torch.rand((real.shape[0],) + (1,) * (real.dim() - 1), device=real.device, dtype=real.dtype)
     mixed = torch.lerp(real.detach(), fake.detach(), alpha).requires_grad_(True)
-    with use_backend("reference"):
-        outputs = critic(mixed)
-    (grad,) = torch.autograd.grad(outputs.sum(), mixed, create_graph=True)
+    (grad,) = torch.autograd.grad(critic(mixed).sum(), mixed, create_graph=True)
     return (grad.flatten(1).norm(dim=1) - 1.0).square().mean()
 
 
@@ -105,16 +101,12 @@ def r1_penalty(real_outputs: Tensor, real: Tensor) -> Tensor:
     """R1 penalty ``mean ||grad_x D(x)||^2`` on real data (Mescheder et al., 2018).
 
     Args:
-        real_outputs: D's outputs ``(B,)`` computed from ``real``, twice differentiable: with
-            fastgen's fused layers in D, computed under ``fastgen.use_backend("reference")``.
+        real_outputs: D's outputs ``(B,)`` computed from ``real`` (fastgen's fused layers are
+            twice differentiable).
         real: the real batch ``(B, ...)``; it must have had ``requires_grad_(True)`` before D ran.
 
     Returns:
         0-dim tensor with a graph to D's parameters; the usual weighting is ``gamma / 2``.
-
-    Raises:
-        RuntimeError: from fastgen's fused backward, when ``real_outputs`` came from the Triton
-            path (its gradients cannot be differentiated again).
     """
     if not real.requires_grad:
         raise ValueError("real: call real.requires_grad_(True) before computing D's outputs on it")
