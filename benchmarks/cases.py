@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as TF
@@ -42,7 +43,7 @@ IMPLS = ("fastgen", "fastgen-compile", "fastgen-cudnn-gemm", "eager", "compile",
 # A compiled implementation: (the implementation it compiles, torch.compile mode).
 COMPILED = {"fastgen-compile": ("fastgen", "default"), "compile": ("eager", "default"),
             "compile-max-autotune": ("eager", "max-autotune")}
-KINDS = ("op", "layer", "model", "train")  # what a row costs to compile (benchmarks/session.py)
+KINDS = ("op", "layer", "model", "train")  # what a row costs to compile (benchmarks/plan.py)
 # Extra rows behind a flag (benchmarks/session.py, run.py --with): the report's bars do not need
 # them, and max-autotune alone costs minutes of compiles per conv shape.
 FLAGS = ("fp32", "fwd", "max-autotune")
@@ -118,8 +119,6 @@ def select(cases: Iterable[Case], flags: Iterable[str] = (), only: str = "",
     """The (case, implementations) pairs to run: the cases that decide the bars, plus those and
     the implementations that ``flags`` add, whose group matches the regular expression ``only``,
     without the implementations in ``skip``."""
-    import re
-
     flags, skip = set(flags), set(skip)
     for name, values, known in (("flags", flags, FLAGS), ("skip", skip, IMPLS)):
         if values - set(known):
@@ -403,7 +402,8 @@ def layer_cases(smoke: bool = False) -> list[Case]:
                     floor_bytes=item * ((3 * x_count + 3 * w_count + 2 * y_count) if backward
                                         else (x_count + w_count + y_count)),
                     traffic_bytes=None, tolerance=1e-4 if smoke else CONV_TOLERANCE[dtype],
-                    kind="layer", dtype=dtype, layers=(name,), flops=3 * flops if backward else flops, backward=backward, flag=flag))
+                    kind="layer", dtype=dtype, layers=(name,), flops=3 * flops if backward else flops,
+                    backward=backward, flag=flag))
     return cases
 
 

@@ -313,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     wanted = _names(args.impls) or set(IMPLS)
     if wanted - set(IMPLS):
-        parser.error(f"--impls: unknown implementations {sorted(wanted - set(IMPLS))}; expected some of {', '.join(IMPLS)}")
+        parser.error(f"--impls: unknown implementations {sorted(wanted - set(IMPLS))}; "
+                     f"expected some of {', '.join(IMPLS)}")
     try:
         selected = select(all_cases(smoke=args.smoke), _names(args.flags), args.only, _names(args.skip))
     except ValueError as err:

@@ -360,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                 break
             phase_limit = limit(name)
             if name == "facts":
-                cmd = [sys.executable, "-c", f"from benchmarks.session import write_facts; write_facts({str(out / 'device.json')!r})"]
+                facts = f"from benchmarks.session import write_facts; write_facts({str(out / 'device.json')!r})"
+                cmd = [sys.executable, "-c", facts]
                 result = run_process(cmd, env, phase_limit, out / "facts.log")
             elif name == "compile+tests":
                 phase_start = time.monotonic()
