@@ -115,6 +115,11 @@ _TRAIN_OPTIONS: dict[str, tuple[dict[str, Any], str]] = {
     "device": ({"choices": DEVICES}, "where to train"),
     "backend": ({"choices": BACKENDS}, "fused ops: Triton kernels, PyTorch reference, or auto (Triton on CUDA)"),
     "amp": ({"action": argparse.BooleanOptionalAction}, "bf16 autocast (CUDA only)"),
+    "compile": ({"action": argparse.BooleanOptionalAction},
+                "torch.compile the G and D (or AE/VAE) forward passes and losses, fastgen's ops inside "
+                "one graph"),
+    "cuda_graphs": ({"action": argparse.BooleanOptionalAction},
+                    "also replay them as CUDA graphs (torch.compile mode reduce-overhead; CUDA only)"),
     "out_dir": ({"metavar": "DIR"}, "run directory (default: runs/MODEL-DATE-TIME)"),
     "log_every": ({"type": _positive_int, "metavar": "N"}, "steps between metrics.jsonl records"),
     "sample_every": ({"type": _positive_int, "metavar": "N"}, "steps between sample pictures"),

@@ -133,6 +133,9 @@ def test_help(capsys):
         assert code == 0 and expected in out, argv
     _, out, _ = _run(capsys, "train", "gan", "--help")
     assert "(default: 0.0002)" in out and "dataset-fashion-mnist" in out and "--hidden" not in out
+    for model in ("gan", "vae", "gan2d"):
+        _, out, _ = _run(capsys, "train", model, "--help")
+        assert "--compile, --no-compile" in out and "--cuda-graphs, --no-cuda-graphs" in out, model
 
 
 def _one_line_error(code, err, *needles):

@@ -235,6 +235,7 @@ def test_resume_refuses_to_change_the_run(tmp_path):
     ("gan", dict(loss="hinge", label_smoothing=0.1), "label_smoothing"),
     ("gan", dict(ema=1.0), "ema"),
     ("ae", dict(hidden=[0]), "hidden"),
+    ("gan", dict(compile=1), "compile: expected a bool"),
     ("gan3d", {}, "model"),
 ])
 def test_config_errors_name_the_option(model, options, match):
@@ -245,3 +246,40 @@ def test_config_errors_name_the_option(model, options, match):
 def test_missing_data_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Trainer.create(_config("gan", tmp_path / "run", data_dir=str(tmp_path / "nowhere")), progress=False)
+
+
+@pytest.mark.parametrize("model,options", [
+    ("gan", dict(image_dir=True)),
+    ("gan2d", dict(r1_gamma=0.5)),
+    ("gan2d", dict(loss="wgan_gp", n_critic=2)),
+    ("vae", dict(image_dir=True)),
+], ids=["gan", "gan2d-r1", "gan2d-wgan_gp", "vae"])
+def test_compile_trains_like_eager(tmp_path, image_dir, model, options):
+    """--compile: the forward passes and losses under torch.compile(fullgraph=True), fastgen's
+    ops inside the graph; a penalty's twice-differentiated pass stays eager. Same losses as an
+    eager run (Inductor on the CPU reorders float sums: close, not bit-equal)."""
+    if options.pop("image_dir", False):
+        options["data_dir"] = image_dir
+    torch._dynamo.reset()
+    eager = _metrics(_train(_config(model, tmp_path / "eager", steps=2, **options)).run_dir)
+    compiled = _train(_config(model, tmp_path / "compiled", steps=2, compile=True, **options))
+    assert json.loads((compiled.run_dir / "config.json").read_text())["compile"] is True
+    for got, want in zip(_metrics(compiled.run_dir), eager):
+        assert got.keys() == want.keys()
+        for name in got:
+            assert math.isclose(got[name], want[name], rel_tol=1e-3, abs_tol=1e-5), name
+
+
+def test_cuda_graphs_needs_cuda(tmp_path):
+    with pytest.raises(ValueError, match="cuda_graphs: needs a CUDA device"):
+        Trainer.create(_config("gan2d", tmp_path / "run", device="cpu", cuda_graphs=True), progress=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["gan", "vae"])
+def test_gpu_cuda_graphs_train(tmp_path, image_dir, model):
+    """--cuda-graphs: Inductor's CUDA graphs replay the steps on the fused ops (Triton backend)."""
+    trainer = _train(_config(model, tmp_path / "run", steps=4, device="cuda", backend="triton",
+                             cuda_graphs=True, data_dir=image_dir))
+    records = _metrics(trainer.run_dir)
+    assert len(records) == 4 and all(math.isfinite(v) for r in records for v in r.values())

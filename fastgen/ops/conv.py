@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastgen import activations, backend, reference
-from fastgen.kernels._tuning import Tuner
+from fastgen.kernels._tuning import Tuner, batch_bucket
 from fastgen.ops import _checks, _library
 from fastgen.ops._library import (empty, forward_backend, none_if_empty, record_backend,
                                   reference_double_backward)
@@ -229,9 +229,11 @@ def _forward_reference(x: Tensor, weight: Tensor | None, gamma: Tensor | None, b
 
 
 def _conv_key(x: Tensor, weight: Tensor, spec: _Spec) -> tuple:
-    # momentum and eps change no cost (and momentum=None changes every step): not in the key.
-    return (tuple(x.shape), tuple(weight.shape), x.dtype, _channels_last_out(x),
-            spec._replace(momentum=0.0, eps=0.0), torch.backends.cudnn.allow_tf32)
+    # momentum and eps change no cost (and momentum=None changes every step): not in the key. A
+    # smaller last batch takes its bucket's choice, as the tile tuners' keys do.
+    return ((batch_bucket(x.shape[0]), *x.shape[1:]), tuple(weight.shape), x.dtype,
+            _channels_last_out(x), spec._replace(momentum=0.0, eps=0.0),
+            torch.backends.cudnn.allow_tf32)
 
 
 def _implementation(x: Tensor, weight: Tensor, gamma: Tensor | None, beta: Tensor | None,

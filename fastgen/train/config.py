@@ -24,7 +24,8 @@ DEVICES = ("auto", "cpu", "cuda")
 ARCHS = ("mlp", "conv")
 LIKELIHOODS = ("bernoulli", "gaussian")
 
-_RUN = dict(seed=0, device="auto", backend="auto", amp=True, log_every=50, out_dir=None)
+_RUN = dict(seed=0, device="auto", backend="auto", amp=True, compile=False, cuda_graphs=False,
+            log_every=50, out_dir=None)
 # The main job: DCGAN on Fashion-MNIST 32x32, sized to finish in minutes on a 2-core CPU.
 _GAN = dict(_RUN, data_dir=None, image_size=32, steps=2500, batch_size=64, width=32, latent_size=100,
             loss="non_saturating", label_smoothing=0.0, n_critic=1, gp_weight=10.0, r1_gamma=0.0,
@@ -47,7 +48,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 #: Options a resumed run may change; the rest would make the continuation a different run.
-RESUME_OPTIONS = ("steps", "device", "backend", "log_every", "sample_every", "checkpoint_every")
+RESUME_OPTIONS = ("steps", "device", "backend", "compile", "cuda_graphs", "log_every", "sample_every",
+                  "checkpoint_every")
 
 
 @dataclass
@@ -63,6 +65,8 @@ class TrainConfig:
     device: str | None = None
     backend: str | None = None
     amp: bool | None = None
+    compile: bool | None = None
+    cuda_graphs: bool | None = None
     out_dir: str | None = None
     steps: int | None = None
     batch_size: int | None = None
@@ -141,6 +145,9 @@ class TrainConfig:
         _choice(self, "arch", ARCHS)
         _choice(self, "likelihood", LIKELIHOODS)
         _choice(self, "image_size", (28, 32, 64) if self.model in ("ae", "vae") else (32, 64))
+        for name in ("compile", "cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed: expected a non-negative int, got {self.seed!r}")
         for name in ("lr", "lr_g", "lr_d", "beta"):

@@ -15,11 +15,11 @@ bit for bit. On CUDA, bf16 autocast (``amp``) runs the forward passes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,8 @@ class Trainer:
         self.sampler = BatchSampler(len(self.data.inputs), config.batch_size, seed=config.seed)
         self.models = build_models(config, self.device)
         self.optimizers = self._build_optimizers()
+        if config.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs: needs a CUDA device, got device {self.device.type!r}")
         self.step = 0
         self.saved_step: int | None = None  # step of the checkpoint on disk, if any
 
@@ -248,6 +250,21 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, self.data.labels[index] if with_labels else None
 
+    def _compiled(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` under torch.compile with ``--compile`` (one graph: fullgraph, fastgen's ops
+        included), and replayed as CUDA graphs with ``--cuda-graphs`` (Inductor's
+        "reduce-overhead" mode); ``fn`` itself otherwise."""
+        cfg = self.config
+        if not (cfg.compile or cfg.cuda_graphs):
+            return fn
+        return torch.compile(fn, fullgraph=True, mode="reduce-overhead" if cfg.cuda_graphs else None)
+
+    def _begin_step(self) -> None:
+        """Marks a new iteration for Inductor's CUDA graphs: the previous step's graph outputs
+        may now be overwritten."""
+        if self.config.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
@@ -310,6 +327,10 @@ class GANTrainer(Trainer):
         self.images_per_step = config.batch_size * config.n_critic
         self.ema = (EMA(self.models["generator_ema"], self.models["generator"])
                     if "generator_ema" in self.models else None)
+        # The forward passes under --compile. A pass that a penalty differentiates twice (R1's
+        # real pass, WGAN-GP's interpolates) stays eager: a compiled backward is differentiable once.
+        self._generate = self._compiled(self.models["generator"])
+        self._discriminate_compiled = self._compiled(self._discriminate)
 
     def _build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         betas = (self.config.beta1, self.config.beta2)
@@ -331,10 +352,9 @@ class GANTrainer(Trainer):
         if cfg.r1_gamma:
             real.requires_grad_(True)
         with self._autocast(), phase("D forward"):
-            # R1 differentiates the real pass twice; fastgen's fused Triton ops are differentiable once.
-            with use_backend("reference") if cfg.r1_gamma else contextlib.nullcontext():
-                real_logits, real_classes = self._discriminate(real, labels)
-            fake_logits, fake_classes = self._discriminate(fake, labels)
+            real_pass = self._discriminate if cfg.r1_gamma else self._discriminate_compiled
+            real_logits, real_classes = real_pass(real, labels)
+            fake_logits, fake_classes = self._discriminate_compiled(fake, labels)
         with self._autocast(), phase("D loss"):
             out = self.objective.d_loss(real_logits, fake_logits)
             loss = out.loss
@@ -357,7 +377,7 @@ class GANTrainer(Trainer):
         try:
             # G's loss is D's verdict on the generated batch: D's forward pass belongs to it.
             with self._autocast(), phase("G loss"):
-                fake_logits, fake_classes = self._discriminate(fake, labels)
+                fake_logits, fake_classes = self._discriminate_compiled(fake, labels)
                 out = self.objective.g_loss(fake_logits)
                 loss = out.loss
                 logged = {"g_loss": out.loss}
@@ -371,6 +391,7 @@ class GANTrainer(Trainer):
     def train_step(self) -> dict[str, float]:
         generator = self.models["generator"]
         values: dict[str, float] = {}
+        self._begin_step()
         for critic_step in range(self.config.n_critic):
             # Conditional models generate the classes of the real batch.
             real, labels = self._next_batch(with_labels=self.conditional)
@@ -378,7 +399,7 @@ class GANTrainer(Trainer):
             # Only the last critic step's fake batch feeds the generator step: keep its graph.
             with self._autocast(), torch.set_grad_enabled(critic_step == self.config.n_critic - 1), \
                     phase("G forward"):
-                fake = generator(z, labels)
+                fake = self._generate(z, labels)
             values = self._discriminator_step(real, fake.detach(), labels)
         values |= self._generator_step(fake, labels)
         if self.ema is not None:
@@ -394,12 +415,14 @@ class AutoencoderTrainer(Trainer):
     def __init__(self, config: TrainConfig, *, progress: bool = True) -> None:
         super().__init__(config, progress=progress)
         self.images_per_step = config.batch_size
+        self._loss = self._compiled(lambda x: self.models["model"].loss(x).mean())
 
     def _build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"model": _adam(self.models["model"], self.config.lr, (self.config.beta1, self.config.beta2))}
 
     def train_step(self) -> dict[str, float]:
         x, _ = self._next_batch()
+        self._begin_step()
         with self._autocast(), phase("forward"):  # the model's forward pass and its loss
-            loss = self.models["model"].loss(x).mean()
+            loss = self._loss(x)
         return self._apply("model", loss, {"loss": loss})
