@@ -68,18 +68,22 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 3
 
-    def shared_bytes(self, itemsize: int, capability: tuple[int, int]) -> int:
-        """Shared memory of the software pipeline's operand buffers, an m x k and a k x n tile of
-        ``itemsize`` bytes per stage: Triton keeps ``num_stages`` of them on sm_90 and later,
-        ``num_stages - 1`` before (the epilogue reuses the same memory)."""
+    def shared_bytes(self, itemsize: int, capability: tuple[int, int],
+                     operand_tiles: tuple[int, int] = (1, 1)) -> int:
+        """Shared memory of the software pipeline's operand buffers: per stage, ``operand_tiles``
+        m x k and k x n tiles of ``itemsize`` bytes (2 where an operand is computed from two
+        loaded tensors, as dL/dy from dL/dout and y). Triton keeps ``num_stages`` buffers on
+        sm_90 and later, ``num_stages - 1`` before; the epilogue reuses the same memory."""
         buffers = self.num_stages if capability >= (9, 0) else max(1, self.num_stages - 1)
-        return buffers * (self.m * self.k + self.k * self.n) * itemsize
+        a_tiles, b_tiles = operand_tiles
+        return buffers * (a_tiles * self.m * self.k + b_tiles * self.k * self.n) * itemsize
 
-    def fits(self, itemsize: int, capability: tuple[int, int]) -> bool:
+    def fits(self, itemsize: int, capability: tuple[int, int],
+             operand_tiles: tuple[int, int] = (1, 1)) -> bool:
         """Whether the operand buffers fit a block's shared memory on ``capability`` (True for a
         GPU missing from SHARED_MEMORY_PER_BLOCK: a failing launch then drops out when timed)."""
         limit = SHARED_MEMORY_PER_BLOCK.get(tuple(capability))
-        return limit is None or self.shared_bytes(itemsize, capability) <= limit
+        return limit is None or self.shared_bytes(itemsize, capability, operand_tiles) <= limit
 
 
 class NoCandidateError(RuntimeError):
@@ -118,13 +122,15 @@ class Tuner(Generic[C]):
         self.benchmark_ms: Callable[[Callable[[], object]], float] = _benchmark_ms
 
     def candidates_for(self, device: torch.device, dtype: torch.dtype | None = None,
-                       capability: tuple[int, int] | None = None) -> tuple[C, ...]:
+                       capability: tuple[int, int] | None = None,
+                       operand_tiles: tuple[int, int] = (1, 1)) -> tuple[C, ...]:
         """The candidates on ``device``: the interpreter's on the CPU; on CUDA every candidate
         except the tiles whose operands of ``dtype`` cannot fit the GPU's shared memory.
 
         Args:
             dtype: the GEMM operands' dtype; None keeps every candidate.
             capability: the GPU's compute capability; None asks ``device``.
+            operand_tiles: tiles loaded per stage for each operand (TileConfig.shared_bytes).
         """
         if device.type != "cuda":
             return (self.interpreter,)
@@ -134,10 +140,11 @@ class Tuner(Generic[C]):
             capability = torch.cuda.get_device_capability(device)
         itemsize = torch.empty((), dtype=dtype).element_size()
         return tuple(c for c in self.candidates
-                     if not isinstance(c, TileConfig) or c.fits(itemsize, capability))
+                     if not isinstance(c, TileConfig) or c.fits(itemsize, capability, operand_tiles))
 
     def choose(self, key: Hashable, device: torch.device, fit: Callable[[C], C],
-               launch: Callable[[C], object], dtype: torch.dtype | None = None) -> C:
+               launch: Callable[[C], object], dtype: torch.dtype | None = None,
+               operand_tiles: tuple[int, int] = (1, 1)) -> C:
         """This key's candidate, timed with ``launch`` the first time the key is seen.
 
         Args:
@@ -148,7 +155,7 @@ class Tuner(Generic[C]):
                 every problem of a key.
             launch: runs the work with a candidate. It must have no lasting effect: timing calls
                 it several times.
-            dtype: the operands' dtype, for :meth:`candidates_for`.
+            dtype, operand_tiles: the operands, for :meth:`candidates_for`.
 
         Raises:
             NoCandidateError: no candidate fits this GPU, or none compiles and runs.
@@ -156,7 +163,7 @@ class Tuner(Generic[C]):
         tuned_key = (device.index, key)
         if tuned_key in self.chosen:  # also while tuning is off, e.g. during CUDA-graph capture
             return self.chosen[tuned_key]
-        candidates = self.candidates_for(device, dtype)
+        candidates = self.candidates_for(device, dtype, operand_tiles=operand_tiles)
         if not candidates:
             raise NoCandidateError(f"{self.name}: no candidate fits this GPU's shared memory for {dtype}")
         if not tuning_enabled(device):
@@ -166,9 +173,10 @@ class Tuner(Generic[C]):
         return self.chosen[tuned_key]
 
     def run(self, key: Hashable, device: torch.device, fit: Callable[[C], C],
-            launch: Callable[[C], T], dtype: torch.dtype | None = None) -> T:
+            launch: Callable[[C], T], dtype: torch.dtype | None = None,
+            operand_tiles: tuple[int, int] = (1, 1)) -> T:
         """``launch(self.choose(...))``: for launches that allocate their outputs and do nothing else."""
-        return launch(self.choose(key, device, fit, launch, dtype))
+        return launch(self.choose(key, device, fit, launch, dtype, operand_tiles))
 
     def _fastest(self, key: Hashable, candidates: list[C], launch: Callable[[C], object]) -> C:
         times: dict[C, float] = {}

@@ -88,6 +88,8 @@ ELEMENTWISE_BLOCKS, INTERPRETER_ELEMENTWISE_BLOCKS = (64, 64), (128, 32)
 # Combine kernels: tiles merged per step, channels per program. They walk thousands of tiles
 # for a few hundred channels: narrow channel blocks give more programs, fewer serial steps each.
 COMBINE_T, COMBINE_C = 128, 16
+# Pixels (N * H * W) a conv GEMM's input or output may have: pixel indices are int32.
+MAX_PIXELS = 2**31 - 1
 
 # Kernels may read only tl.constexpr globals; host code uses their .value.
 # Coefficient rows (bn_combine_stats, bn_act_grad_coef): the first four are the forward's.
@@ -183,7 +185,7 @@ def _store_tile_stats(v, row_ok, part_ptr, tile, n_tiles, cols, col_ok, C):
 
 @triton.jit
 def _split_rows(rows, N, H, W):
-    """GEMM rows (int64) -> (n, h, w) over an (N, H, W) pixel grid, and which rows exist."""
+    """GEMM rows -> (n, h, w) over an (N, H, W) pixel grid, and which rows exist."""
     hw = H * W
     n = rows // hw
     rem = rows - n * hw
@@ -195,7 +197,7 @@ def _split_rows(rows, N, H, W):
 def _gather_rows(n, ih, iw, H, W, C, row_ok):
     """int64 offset of pixel (n, ih, iw) in an (N, H, W, C) tensor, and whether it is inside."""
     ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    return ((n * H + ih) * W + iw) * C, ok
+    return ((n * H + ih) * W + iw).to(tl.int64) * C, ok
 
 
 @triton.jit
@@ -252,7 +254,9 @@ def _conv_gemm_kernel(
         phase // S_W, S_H, P_H, KH, HO, TRANSPOSED)
     rows_w, taps_w, in_step_w, in_off_w, t_step_w, s0, s_step, o0_w, out_step_w = _phase(
         phase % S_W, S_W, P_W, KW, WO, TRANSPOSED)
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Pixel indices in int32 (the host checks that they fit), element offsets in int64: int64
+    # row math held the transposed and BN-gradient variants at 255 registers.
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n, jh, jw, row_ok = _split_rows(rows, N, rows_h, rows_w)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < C_b
@@ -281,13 +285,13 @@ def _conv_gemm_kernel(
 
     oh = o0_h + jh * out_step_h
     ow = o0_w + jw * out_step_w
-    offs = ((n * HO + oh) * WO + ow)[:, None] * C_b + cols[None, :]
+    offs = ((n * HO + oh) * WO + ow).to(tl.int64)[:, None] * C_b + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
     if EPILOGUE == AFFINE:
         zscale = tl.load(epi_ptr + cols, mask=col_ok, other=0.0)
         zshift = tl.load(epi_ptr + C_b + cols, mask=col_ok, other=0.0)
         out = _activate(acc * zscale[None, :] + zshift[None, :], slope, ACT)
-        out_offs = (n * out_sn + (oh * WO + ow) * out_sw)[:, None] + cols[None, :] * out_sc
+        out_offs = (n.to(tl.int64) * out_sn + (oh * WO + ow) * out_sw)[:, None] + cols[None, :] * out_sc
         tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)
     if EPILOGUE != AFFINE or STORE_PRE:
         tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
@@ -318,7 +322,7 @@ def _conv_wgrad_kernel(
     cg_ok = cg < C_g
     cd_ok = cd < C_d
     split = tl.program_id(2)
-    m_start = split.to(tl.int64) * rows_per_split
+    m_start = split * rows_per_split  # int32 pixel indices, as in the GEMM
     m_end = tl.minimum(m_start + rows_per_split, N * HD * WD)
 
     acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=ACC)
@@ -330,7 +334,7 @@ def _conv_wgrad_kernel(
         g_t = _load_operand(g_ptr, pre_ptr, coef_ptr, cg[:, None] + g_row[None, :],
                             cg_ok[:, None] & g_ok[None, :], cg[:, None], cg_ok[:, None], C_g, slope,
                             BN_GRAD_G, ACT, ACC)
-        d = _load_operand(d_ptr, pre_ptr, coef_ptr, rows[:, None] * C_d + cd[None, :],
+        d = _load_operand(d_ptr, pre_ptr, coef_ptr, rows.to(tl.int64)[:, None] * C_d + cd[None, :],
                           row_ok[:, None] & cd_ok[None, :], cd[None, :], cd_ok[None, :], C_d, slope,
                           BN_GRAD_D, ACT, ACC)
         acc = tl.dot(g_t, d, acc, input_precision=PRECISION)
@@ -498,6 +502,25 @@ def _bn_act_input_grad_kernel(dout_ptr, y_ptr, coef_ptr, dy_ptr, M, C, slope, AC
 # Host wrappers
 
 
+def gemm_operand_tiles(bn_grad: bool) -> tuple[int, int]:
+    """Tiles the conv GEMM loads per step for (A, w): A is dL/dy from dL/dout and y with BN_GRAD."""
+    return (2, 1) if bn_grad else (1, 1)
+
+
+def wgrad_operand_tiles(transposed: bool) -> tuple[int, int]:
+    """Tiles the weight gradient loads per step for (G, D): the one that is dL/dy takes two."""
+    return (2, 1) if transposed else (1, 2)
+
+
+def _check_pixels(**pixels: int) -> None:
+    """The GEMM kernels index pixels (n, h, w) in int32 and elements in int64: each tensor may
+    hold more than 2**31 elements but fewer than MAX_PIXELS pixels (N * H * W)."""
+    for name, count in pixels.items():
+        if count > MAX_PIXELS:
+            raise ValueError(f"{name}: {count} pixels (N * H * W), more than the conv kernels index "
+                             f"({MAX_PIXELS}); split the batch")
+
+
 def _elementwise_blocks(device: torch.device) -> tuple[int, int]:
     return ELEMENTWISE_BLOCKS if device.type == "cuda" else INTERPRETER_ELEMENTWISE_BLOCKS
 
@@ -537,10 +560,11 @@ def _conv_gemm(a: torch.Tensor, weight: torch.Tensor, out_hw: tuple[int, int],
     Returns (y, out, partials), None where the epilogue writes nothing there: y (N, HO, WO, C_b),
     out (N, C_b, HO, WO) channels_last or contiguous."""
     N, H, W, C_a = a.shape
+    HO, WO = out_hw
+    _check_pixels(input=N * H * W, output=N * HO * WO)
     KH, KW = weight.shape[2:]
     taps = (weight.permute(2, 3, 0, 1) if transposed else weight.permute(2, 3, 1, 0)).contiguous()
     C_b = taps.shape[3]
-    HO, WO = out_hw
     acc = acc_dtype(a.dtype)
     precision = _precision(a.dtype, a.device)
     n_phases = stride[0] * stride[1] if transposed else 1
@@ -575,7 +599,8 @@ def _conv_gemm(a: torch.Tensor, weight: torch.Tensor, out_hw: tuple[int, int],
 
     key = (batch_bucket(N), H, W, C_a, out_hw, C_b, KH, KW, stride, padding, transposed, epilogue,
            pre is not None, store_pre, a.dtype, precision)
-    part = GEMM_TUNER.run(key, a.device, fit, launch, a.dtype)
+    # With BN_GRAD each step loads two A tiles (dL/dout and y) into the pipeline.
+    part = GEMM_TUNER.run(key, a.device, fit, launch, a.dtype, gemm_operand_tiles(pre is not None))
     return y, out, part
 
 
@@ -650,6 +675,7 @@ def conv_weight_grad(x: torch.Tensor, dout: torch.Tensor, y: torch.Tensor, coef:
     g, d = (dout, x) if transposed else (x, dout)
     N, HG, WG, C_g = g.shape
     _, HD, WD, C_d = d.shape
+    _check_pixels(x=x.numel() // x.shape[-1], dout=dout.numel() // dout.shape[-1])
     acc = acc_dtype(x.dtype)
     precision = _precision(x.dtype, x.device)
     rows = N * HD * WD
@@ -675,7 +701,7 @@ def conv_weight_grad(x: torch.Tensor, dout: torch.Tensor, y: torch.Tensor, coef:
 
     key = (batch_bucket(N), g.shape[1:], d.shape[1:], KH, KW, stride, padding, transposed, x.dtype,
            precision)
-    part = WGRAD_TUNER.run(key, x.device, fit, launch, x.dtype)
+    part = WGRAD_TUNER.run(key, x.device, fit, launch, x.dtype, wgrad_operand_tiles(transposed))
     split = part.shape[0]
     # A fixed-order sum over the splits keeps the result deterministic.
     dw = part[0] if split == 1 else part.sum(0)

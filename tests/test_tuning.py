@@ -156,7 +156,7 @@ def test_conv_tiles_are_chosen_per_batch_bucket(monkeypatch):
     seen = []
 
     def spy(tuner):
-        def run(key, device, fit, launch, dtype=None):
+        def run(key, device, fit, launch, *operands):
             seen.append((tuner.name, key, [fit(c) for c in tuner.candidates]))
             return torch.zeros(1, 1, 1, 1, 1)  # the launch's output; nothing runs
         return run
@@ -177,6 +177,15 @@ def test_conv_tiles_are_chosen_per_batch_bucket(monkeypatch):
 
 
 BIG = TileConfig(128, 128, 64, num_warps=8)  # fp32: 64 KB of operands per pipeline stage
+
+
+def test_operands_loaded_twice_per_step_take_twice_the_buffers():
+    """dL/dy computed while loading (BN_GRAD) takes dL/dout's and y's tiles per stage: BIG's
+    fp32 fits an A100's 163 KB with one A tile (128 KB), not with two (192 KB)."""
+    tuner = Tuner("test kernel", [BIG, A], interpreter=INTERPRETER)
+    assert BIG.shared_bytes(4, (8, 0), (2, 1)) == 2 * (2 * 128 * 64 + 64 * 128) * 4
+    assert tuner.candidates_for(CUDA, torch.float32, (8, 0)) == (BIG, A)
+    assert tuner.candidates_for(CUDA, torch.float32, (8, 0), (2, 1)) == (A,)
 
 
 @pytest.mark.parametrize("dtype, capability, kept", [
