@@ -513,22 +513,6 @@ def test_weight_grad_split_reduction(monkeypatch, transposed):
     assert rel_err(fused[4], ref[4]) < TOL
 
 
-@pytest.mark.parametrize("bn", [True, False], ids=["conv_bn_act", "bn_act"])
-def test_double_backward_raises(bn):
-    """The fused backward is not differentiable (e.g. a WGAN-GP penalty): create_graph=True is an
-    error, never gradients whose derivatives are silently zero."""
-    case = CASES[2]
-    inp = make_inputs(case)
-    if bn:
-        out = FF.conv_bn_act(inp.x, inp.weight, inp.gamma, inp.beta, None, None, **conv_kwargs(case, True))
-    else:
-        out = FF.bn_act(inp.x, inp.gamma[:3], inp.beta[:3], None, None)
-    with pytest.raises(RuntimeError, match=r"cannot be differentiated again .*use_backend\('reference'\)"):
-        torch.autograd.grad(out.square().sum(), inp.x, create_graph=True)
-    dx, = torch.autograd.grad(out.square().sum(), inp.x)  # the first-order gradient still works
-    assert torch.isfinite(dx).all()
-
-
 def test_autocast_casts_x_and_weight_like_conv2d():
     # A fused layer inside torch.autocast runs in the autocast dtype (float16 here: the CPU
     # interpreter has no bf16), with float32 parameters, as F.conv2d would.
@@ -691,7 +675,7 @@ def test_a_shape_whose_fused_kernels_fail_runs_cudnn_gemm(monkeypatch, timed_imp
     that shape: the layer runs cuDNN's conv with the fused BN passes, and "auto" records no
     failure."""
     tuner = FF.CONV_IMPLEMENTATION_TUNER
-    monkeypatch.setattr(tuner, "candidates_for", lambda device: FF.CONV_IMPLEMENTATIONS)
+    monkeypatch.setattr(tuner, "candidates_for", lambda device, dtype=None: FF.CONV_IMPLEMENTATIONS)
     monkeypatch.setattr(tuner, "chosen", {})
     monkeypatch.setattr(kernels.GEMM_TUNER, "benchmark_ms", _out_of_shared_memory)
     backend.reset_failures()
@@ -702,3 +686,16 @@ def test_a_shape_whose_fused_kernels_fail_runs_cudnn_gemm(monkeypatch, timed_imp
     assert list(tuner.chosen.values()) == ["cudnn-gemm"]
     for name, a, b in zip(NAMES, fused, ref):
         assert rel_err(a, b) < TOL, name
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_more_pixels_than_int32_indexes_is_a_clear_error(transposed):
+    """The GEMMs index pixels in int32 (elements in int64): 2**31 pixels is a ValueError naming
+    the tensor, raised before anything is allocated or launched."""
+    x = torch.zeros(1, 1, 1, 1).expand(2**31, 1, 1, 1)  # no memory behind the batch
+    w = torch.zeros(1, 1, 1, 1)
+    with pytest.raises(ValueError, match=r"input: 2147483648 pixels"):
+        kernels.conv_stats_forward(x, w, (1, 1), (1, 1), (0, 0), transposed)
+    with pytest.raises(ValueError, match=r"x: 2147483648 pixels"):
+        kernels.conv_weight_grad(x, x, x, torch.zeros(8, 1), w.shape, (1, 1), (0, 0), transposed,
+                                 "relu", 0.0, torch.float32)
