@@ -1,6 +1,8 @@
-"""Mode-coverage evaluation for 2D Gaussian mixtures (ring8 / grid25).
+"""Evaluation metrics: mode coverage of 2D Gaussian mixtures, and the sample-quality metrics of
+image generators in a feature space (Fréchet distance, KID, precision / recall, density /
+coverage).
 
-This is the standard evaluation from the GAN mode-collapse literature
+Mode coverage (ring8 / grid25) is the standard evaluation from the GAN mode-collapse literature
 (e.g. Unrolled GAN, VEEGAN, PacGAN):
 
 * each sample is assigned to its nearest mixture mean (Euclidean distance);
@@ -18,6 +20,10 @@ This is the standard evaluation from the GAN mode-collapse literature
 
 Only torch, numpy and the standard library are used; mixtures are duck-typed
 (anything with ``.means`` and ``.std``).
+
+The feature-space metrics take two sets of feature vectors ``(n, d)`` (real and generated, e.g.
+the penultimate layer of a classifier) and compute in float64 on the CPU; pairwise distances go
+in chunks, so 10k x 10k sets run in bounded memory.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["ModeCoverage", "mode_coverage", "evaluate_mixture"]
+__all__ = ["ModeCoverage", "mode_coverage", "evaluate_mixture", "frechet_distance",
+           "gaussian_stats", "kid", "precision_recall", "density_coverage"]
 
 _CHUNK = 65536
 
@@ -155,3 +162,171 @@ def evaluate_mixture(samples: torch.Tensor, mixture: Any, *, threshold_std: floa
             f"mixture must have .means and .std attributes, got {type(mixture).__name__}"
         ) from e
     return mode_coverage(samples, means, std, threshold_std=threshold_std)
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature-space metrics
+
+
+def _check_features(name: str, x: Any, dim: int | None = None, minimum: int = 2) -> torch.Tensor:
+    """``x`` as a finite float64 CPU tensor ``(n, d)`` with ``n >= minimum`` (and ``d == dim``)."""
+    x = torch.as_tensor(x)
+    if not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64, torch.uint8)):
+        raise TypeError(f"{name}: expected a real tensor, got dtype {x.dtype}")
+    if x.dim() != 2 or x.shape[0] < minimum:
+        raise ValueError(f"{name}: expected shape (n, d) with n >= {minimum}, got {tuple(x.shape)}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"{name}: expected {dim} features per row (as the other set), got {x.shape[1]}")
+    x = x.detach().to(device="cpu", dtype=torch.float64)
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name}: expected finite values")
+    return x
+
+
+def gaussian_stats(features: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``(d,)`` and covariance ``(d, d)`` (unbiased) of ``features`` ``(n, d)``, float64."""
+    x = _check_features("features", features)
+    mean = x.mean(0)
+    centered = x - mean
+    return mean, centered.T @ centered / (x.shape[0] - 1)
+
+
+def _psd_eigenvalues(values: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of a PSD matrix with its rounding noise (below d * eps * the largest, or
+    negative) set to 0: the square root would turn noise of 1e-14 into an error of 1e-7."""
+    floor = values.abs().max() * values.shape[0] * torch.finfo(values.dtype).eps
+    return torch.where(values > floor, values, 0.0)
+
+
+def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
+    """The symmetric square root of a symmetric PSD matrix by eigendecomposition: stays real and
+    accurate where the matrix is near-singular, where Newton-Schulz iterations and scipy's sqrtm
+    lose digits or return complex noise."""
+    values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * _psd_eigenvalues(values).sqrt()) @ vectors.T
+
+
+def frechet_distance(real: Any, fake: Any) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (Heusel et al. 2017, "GANs
+    trained by a two time-scale update rule converge to a local Nash equilibrium"; FID with
+    Inception features):
+
+        FD = ||mu_r - mu_f||^2 + tr(S_r + S_f - 2 (S_r^1/2 S_f S_r^1/2)^1/2)
+
+    in float64; the trace of the matrix root is the sum of the square roots of the eigenvalues
+    of the symmetric PSD matrix ``S_r^1/2 S_f S_r^1/2``, which equals ``tr((S_r S_f)^1/2)``.
+
+    Args:
+        real, fake: features ``(n, d)`` and ``(m, d)``, or ``(mean, covariance)`` pairs from
+            :func:`gaussian_stats`.
+
+    Returns:
+        FD >= 0 (0 for identical sets, up to rounding).
+    """
+    (mu_r, cov_r), (mu_f, cov_f) = (_stats(real, "real"), _stats(fake, "fake"))
+    if mu_r.shape != mu_f.shape:
+        raise ValueError(f"fake: expected {mu_r.shape[0]} features (as real), got {mu_f.shape[0]}")
+    root_r = _psd_sqrt(cov_r)
+    product = root_r @ cov_f @ root_r
+    cross = _psd_eigenvalues(torch.linalg.eigvalsh((product + product.T) / 2)).sqrt().sum()
+    value = (mu_r - mu_f).square().sum() + cov_r.trace() + cov_f.trace() - 2 * cross
+    return max(float(value), 0.0)
+
+
+def _stats(x: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(x, tuple):
+        mean, cov = (torch.as_tensor(t, dtype=torch.float64) for t in x)
+        if mean.dim() != 1 or cov.shape != (mean.shape[0], mean.shape[0]):
+            raise ValueError(f"{name}: expected (mean (d,), covariance (d, d)), got shapes "
+                             f"{tuple(mean.shape)}, {tuple(cov.shape)}")
+        return mean, cov
+    try:
+        return gaussian_stats(x)
+    except (TypeError, ValueError) as err:
+        raise type(err)(str(err).replace("features", name, 1)) from None
+
+
+def kid(real: Any, fake: Any, *, subsets: int = 100, subset_size: int = 1000,
+        generator: torch.Generator | None = None) -> tuple[float, float]:
+    """Kernel Inception Distance (Bińkowski et al. 2018, "Demystifying MMD GANs"): the unbiased
+    estimate of MMD^2 with the cubic polynomial kernel ``k(a, b) = (a.b / d + 1)^3``, averaged
+    over ``subsets`` random subsets of ``min(subset_size, n, m)`` rows of each set.
+
+    Returns:
+        (mean, standard deviation) over the subsets; the mean is about 0 for one distribution
+        (it may be slightly negative: the estimate is unbiased).
+    """
+    x = _check_features("real", real)
+    y = _check_features("fake", fake, x.shape[1])
+    if subsets < 1 or subset_size < 2:
+        raise ValueError(f"subsets, subset_size: expected >= 1 and >= 2, got {subsets}, {subset_size}")
+    size = min(subset_size, x.shape[0], y.shape[0])
+    d = x.shape[1]
+    values = []
+    for _ in range(subsets):
+        a = x[torch.randperm(x.shape[0], generator=generator)[:size]]
+        b = y[torch.randperm(y.shape[0], generator=generator)[:size]]
+        k_aa, k_bb, k_ab = ((u @ v.T / d + 1) ** 3 for u, v in ((a, a), (b, b), (a, b)))
+        off_diagonal = size * (size - 1)
+        values.append((k_aa.sum() - k_aa.diagonal().sum()) / off_diagonal
+                      + (k_bb.sum() - k_bb.diagonal().sum()) / off_diagonal - 2 * k_ab.mean())
+    values = torch.stack(values)
+    return float(values.mean()), float(values.std(unbiased=False))
+
+
+# Rows of a distance block: a 10k x 10k comparison holds 1024 x 10k float64 (80 MB) at a time.
+_DISTANCE_CHUNK = 1024
+
+
+def _balls_containing(queries: torch.Tensor, points: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+    """For each query row, how many ``points`` balls (centre, radius) contain it: ``(n_queries,)``."""
+    counts = torch.empty(queries.shape[0], dtype=torch.int64)
+    for start in range(0, queries.shape[0], _DISTANCE_CHUNK):
+        dist = torch.cdist(queries[start:start + _DISTANCE_CHUNK], points)
+        counts[start:start + _DISTANCE_CHUNK] = (dist <= radii[None, :]).sum(1)
+    return counts
+
+
+def _knn_radii(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Distance of each row to its k-th nearest other row."""
+    if k >= x.shape[0]:
+        raise ValueError(f"k: expected fewer than the {x.shape[0]} rows of a set, got {k}")
+    radii = torch.empty(x.shape[0], dtype=torch.float64)
+    for start in range(0, x.shape[0], _DISTANCE_CHUNK):
+        dist = torch.cdist(x[start:start + _DISTANCE_CHUNK], x)
+        radii[start:start + _DISTANCE_CHUNK] = dist.kthvalue(k + 1, dim=1).values  # +1: itself
+    return radii
+
+
+def precision_recall(real: Any, fake: Any, *, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019, "Improved precision and recall
+    metric for assessing generative models"): each set's manifold is the union of balls around
+    its rows with radius the distance to the k-th nearest neighbour in the same set;
+    precision = fraction of fake rows inside the real manifold, recall = fraction of real rows
+    inside the fake manifold.
+    """
+    x = _check_features("real", real)
+    y = _check_features("fake", fake, x.shape[1])
+    precision = (_balls_containing(y, x, _knn_radii(x, k)) > 0).double().mean()
+    recall = (_balls_containing(x, y, _knn_radii(y, k)) > 0).double().mean()
+    return float(precision), float(recall)
+
+
+def density_coverage(real: Any, fake: Any, *, k: int = 5) -> tuple[float, float]:
+    """Density and coverage (Naeem et al. 2020, "Reliable fidelity and diversity metrics for
+    generative models"), with B(x_i, r_i) the ball around real row i of radius its k-NN distance:
+
+        density  = 1 / (k m) * sum_j sum_i 1[y_j in B(x_i, r_i)]
+        coverage = 1 / n * sum_i 1[some y_j in B(x_i, r_i)]
+
+    Density is about 1 for matching distributions (it can exceed 1); coverage is in [0, 1].
+    """
+    x = _check_features("real", real)
+    y = _check_features("fake", fake, x.shape[1])
+    radii = _knn_radii(x, k)
+    density = _balls_containing(y, x, radii).sum() / (k * y.shape[0])
+    covered = torch.zeros(x.shape[0], dtype=torch.bool)
+    for start in range(0, y.shape[0], _DISTANCE_CHUNK):
+        dist = torch.cdist(y[start:start + _DISTANCE_CHUNK], x)
+        covered |= (dist <= radii[None, :]).any(0)
+    return float(density), float(covered.double().mean())

@@ -123,3 +123,101 @@ def test_type_validation_and_array_likes():
     # array-likes and integer dtypes are accepted
     r = mode_coverage([[1, 0], [0, 1]], means.tolist(), 0.01)
     assert r.counts == [1, 0, 1, 0, 0, 0, 0, 0] and r.modes_covered == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature-space metrics
+
+import fastgen.metrics  # noqa: E402
+from fastgen.metrics import density_coverage, frechet_distance, gaussian_stats, kid, precision_recall  # noqa: E402
+
+
+def _gaussian(n, mean, std, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, len(mean), generator=gen, dtype=torch.float64) * torch.tensor(std) + torch.tensor(mean)
+
+
+def test_frechet_distance_closed_form_between_known_gaussians():
+    # Commuting (diagonal) covariances: FD = ||mu1 - mu2||^2 + sum (s1 - s2)^2 over the stds.
+    f64 = dict(dtype=torch.float64)
+    mu1, mu2 = torch.tensor([0.0, 1.0, -2.0], **f64), torch.tensor([1.0, 1.0, 0.5], **f64)
+    s1, s2 = torch.tensor([1.0, 2.0, 0.5], **f64), torch.tensor([3.0, 0.1, 0.5], **f64)
+    expected = float((mu1 - mu2).square().sum() + (s1 - s2).square().sum())
+    fd = frechet_distance((mu1, torch.diag(s1 ** 2)), (mu2, torch.diag(s2 ** 2)))
+    assert fd == pytest.approx(expected, rel=1e-12)
+    # A rotated pair: the distance is rotation invariant.
+    q, _ = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    rotated = frechet_distance((q @ mu1, q @ torch.diag(s1 ** 2) @ q.T), (q @ mu2, q @ torch.diag(s2 ** 2) @ q.T))
+    assert rotated == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_of_identical_and_near_singular_sets():
+    x = _gaussian(500, [0.0] * 8, [1.0] * 8, 0)
+    assert frechet_distance(x, x) < 1e-6
+    # Rank-deficient features (16 dims spanned by 4): still real, accurate, and 0 against itself.
+    low = _gaussian(300, [0.0] * 4, [1.0] * 4, 1) @ torch.randn(4, 16, dtype=torch.float64,
+                                                                generator=torch.Generator().manual_seed(2))
+    assert frechet_distance(low, low) < 1e-6
+    shifted = frechet_distance(low, low + 1.0)
+    assert shifted == pytest.approx(16.0, rel=1e-9)  # the mean shift alone: 16 * 1^2
+
+
+def test_gaussian_stats_and_bad_input():
+    x = _gaussian(10000, [1.0, -1.0], [2.0, 0.5], 3)
+    mean, cov = gaussian_stats(x)
+    assert torch.allclose(mean, torch.tensor([1.0, -1.0], dtype=torch.float64), atol=0.05)
+    assert torch.allclose(cov.diagonal(), torch.tensor([4.0, 0.25], dtype=torch.float64), rtol=0.05)
+    with pytest.raises(ValueError, match="fake: expected 2 features"):
+        frechet_distance(x, torch.zeros(5, 3))
+    with pytest.raises(ValueError, match="real: expected finite"):
+        precision_recall(torch.full((4, 2), float("nan")), x)
+
+
+def test_kid_is_zero_for_one_distribution_and_grows_with_a_shift():
+    x, y = _gaussian(400, [0.0] * 4, [1.0] * 4, 4), _gaussian(400, [0.0] * 4, [1.0] * 4, 5)
+    same, same_std = kid(x, y, subsets=20, subset_size=200, generator=torch.Generator().manual_seed(0))
+    assert abs(same) < 3 * same_std + 1e-3
+    far, _ = kid(x, y + 2.0, subsets=20, subset_size=200, generator=torch.Generator().manual_seed(0))
+    assert far > 0.5
+
+
+def test_kid_known_answer_on_two_points():
+    # Subsets of 2 rows of d = 1, k(a, b) = (ab + 1)^3, x = {0, 1}, y = {2, 2}: the off-diagonal
+    # k_xx = k(0, 1) = 1, k_yy = k(2, 2) = 125, mean k_xy = (1 + 1 + 27 + 27) / 4 = 14:
+    # MMD^2 = 1 + 125 - 2 * 14 = 98.
+    x = torch.tensor([[0.0], [1.0]])
+    assert kid(x, torch.tensor([[2.0], [2.0]]), subsets=3, subset_size=2)[0] == pytest.approx(98.0)
+
+
+def test_precision_recall_identical_disjoint_and_known_answer():
+    x = _gaussian(300, [0.0, 0.0], [1.0, 1.0], 6)
+    assert precision_recall(x, x, k=3) == (1.0, 1.0)
+    assert precision_recall(x, x + 100.0, k=3) == (0.0, 0.0)
+    # Real points 0, 1, 2, 3 on a line (k = 1: every radius 1); fake 0.5 and 10: precision 1/2;
+    # the fake radii are 9.5 each (the other fake point), so every real point is covered: recall 1.
+    real = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    fake = torch.tensor([[0.5], [10.0]])
+    assert precision_recall(real, fake, k=1) == (0.5, 1.0)
+
+
+def test_density_coverage_identical_disjoint_and_known_answer():
+    x = _gaussian(400, [0.0, 0.0], [1.0, 1.0], 7)
+    density, coverage = density_coverage(x, x, k=5)
+    assert coverage == 1.0 and density == pytest.approx(1.0, abs=0.2)
+    assert density_coverage(x, x + 100.0, k=5) == (0.0, 0.0)
+    # Real 0, 1, 2, 3 with k = 1 (radius 1 each); fake 0.5 lies in the balls of 0 and 1,
+    # fake 3 in those of 2 and 3: density = 4 / (1 * 2) = 2, coverage = 4 / 4.
+    real = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    assert density_coverage(real, torch.tensor([[0.5], [3.0]]), k=1) == (2.0, 1.0)
+    with pytest.raises(ValueError, match="k: expected fewer than the 4 rows"):
+        density_coverage(real, real, k=4)
+
+
+def test_neighbour_metrics_do_not_depend_on_the_chunking(monkeypatch):
+    """Distances go in blocks of rows (bounded memory for 10k x 10k sets): blocks of 7 rows give
+    the numbers of one block."""
+    x = _gaussian(60, [0.0] * 3, [1.0] * 3, 8)
+    y = _gaussian(50, [0.3] * 3, [1.0] * 3, 9)
+    whole = precision_recall(x, y), density_coverage(x, y)
+    monkeypatch.setattr(fastgen.metrics, "_DISTANCE_CHUNK", 7)
+    assert (precision_recall(x, y), density_coverage(x, y)) == whole
