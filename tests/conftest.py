@@ -1,7 +1,20 @@
-"""Fixtures shared by the tests: NaN-poisoned allocations and the relative-error measure."""
+"""Fixtures shared by the tests: NaN-poisoned allocations, the relative-error measure, the CLI runner."""
 
 import pytest
 import torch
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """``fastgen.cli.main(argv)`` -> (exit code, stdout, stderr); argparse's exits count as
+    return codes."""
+    from fastgen.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from fastgen import backend
-from fastgen.cli import main
 from fastgen.data import DEFAULT_FASHION_MNIST_DIR
 from fastgen.train.checkpoint import FORMAT
 from fastgen.train.config import DEFAULTS
+from tests.conftest import run_cli
 
 FAST = ["--backend", "reference", "--no-progress"]
 
@@ -22,18 +22,8 @@ FAST = ["--backend", "reference", "--no-progress"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _run(capsys, *argv):
-    """main(argv) -> (exit code, stdout, stderr); argparse's exits count as return codes."""
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def _eval(capsys, run_dir):
-    code, out, err = _run(capsys, "eval", str(run_dir))
+    code, out, err = run_cli(capsys, "eval", str(run_dir))
     assert code == 0, err
     return json.loads(out)
 
@@ -65,7 +55,7 @@ def test_grid25_gan_covers_the_modes(tmp_path, capsys):
 def test_default_backend_trains(tmp_path, capsys):
     """No --backend: "auto" (under the tests' TRITON_INTERPRET=1, the Triton loss kernels on CPU)."""
     backend.reset_failures()
-    code, _, err = _run(capsys, "train", "gan2d", "--steps", "3", "--hidden", "16", "--out-dir", str(tmp_path / "r"),
+    code, _, err = run_cli(capsys, "train", "gan2d", "--steps", "3", "--hidden", "16", "--out-dir", str(tmp_path / "r"),
                         "--no-progress")
     assert code == 0, err
     assert backend.failed_ops() == {}
@@ -76,7 +66,7 @@ def test_default_backend_trains(tmp_path, capsys):
 @pytest.mark.skipif(not os.path.isdir(DEFAULT_FASHION_MNIST_DIR), reason="dataset-fashion-mnist not installed")
 def test_train_without_a_model_is_the_fashion_mnist_dcgan(tmp_path, capsys):
     run = tmp_path / "main"
-    code, out, err = _run(capsys, "train", "--steps", "2", "--out-dir", str(run), *FAST)
+    code, out, err = run_cli(capsys, "train", "--steps", "2", "--out-dir", str(run), *FAST)
     assert code == 0, err
     config = json.loads((run / "config.json").read_text())
     assert (config["model"], config["image_size"], config["data_dir"]) == ("gan", 32, None)
@@ -88,20 +78,20 @@ def test_train_without_a_model_is_the_fashion_mnist_dcgan(tmp_path, capsys):
 
 def test_sample_and_resume(tmp_path, capsys):
     run = tmp_path / "run"
-    assert _run(capsys, "train", "gan2d", "--steps", "4", "--hidden", "16", "--threads", "1", "--out-dir", str(run),
+    assert run_cli(capsys, "train", "gan2d", "--steps", "4", "--hidden", "16", "--threads", "1", "--out-dir", str(run),
                 *FAST)[0] == 0
-    code, out, _ = _run(capsys, "sample", str(run), "--out", str(tmp_path / "s.npy"), "--num", "10")
+    code, out, _ = run_cli(capsys, "sample", str(run), "--out", str(tmp_path / "s.npy"), "--num", "10")
     assert code == 0 and out.strip() == str(tmp_path / "s.npy")
     samples = np.load(tmp_path / "s.npy")
     assert samples.shape == (10, 2) and samples.dtype == np.float32
-    assert _run(capsys, "sample", str(run / "checkpoint.pt"), "--out", str(tmp_path / "s.png"))[0] == 0
+    assert run_cli(capsys, "sample", str(run / "checkpoint.pt"), "--out", str(tmp_path / "s.png"))[0] == 0
     assert Image.open(tmp_path / "s.png").size == (512, 512)
 
-    code, _, err = _run(capsys, "train", "gan2d", "--resume", str(run), "--steps", "6", "--no-progress")
+    code, _, err = run_cli(capsys, "train", "gan2d", "--resume", str(run), "--steps", "6", "--no-progress")
     assert code == 0, err
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [4, 6]  # log_every 100: the last step of each leg
-    code, _, err = _run(capsys, "train", "gan2d", "--resume", str(run), "--no-progress")
+    code, _, err = run_cli(capsys, "train", "gan2d", "--resume", str(run), "--no-progress")
     assert code == 2 and "already at step 6" in err
 
 
@@ -114,14 +104,14 @@ def test_sample_cgan_labels(tmp_path, capsys, monkeypatch):
     write_idx(tmp_path / "train-images-idx3-ubyte", rng.integers(0, 256, (16, 28, 28), dtype=np.uint8))
     write_idx(tmp_path / "train-labels-idx1-ubyte", (np.arange(16) % 10).astype(np.uint8))
     run = tmp_path / "run"
-    code, _, err = _run(capsys, "train", "cgan", "--steps", "1", "--width", "4", "--batch-size", "8",
+    code, _, err = run_cli(capsys, "train", "cgan", "--steps", "1", "--width", "4", "--batch-size", "8",
                         "--data-dir", str(tmp_path), "--out-dir", str(run), *FAST)
     assert code == 0, err
-    assert _run(capsys, "sample", str(run), "--labels", "2,5", "--num", "3", "--out", str(tmp_path / "c.npy"))[0] == 0
+    assert run_cli(capsys, "sample", str(run), "--labels", "2,5", "--num", "3", "--out", str(tmp_path / "c.npy"))[0] == 0
     assert np.load(tmp_path / "c.npy").shape == (6, 1, 32, 32)
-    assert _run(capsys, "sample", str(run), "--labels", "2,5", "--out", str(tmp_path / "c.png"))[0] == 0
+    assert run_cli(capsys, "sample", str(run), "--labels", "2,5", "--out", str(tmp_path / "c.png"))[0] == 0
     assert Image.open(tmp_path / "c.png").size == (2 * (8 * 34 + 2), 2 * (2 * 34 + 2))
-    code, _, err = _run(capsys, "eval", str(run))
+    code, _, err = run_cli(capsys, "eval", str(run))
     assert code == 2 and "no built-in metric" in err
 
 
@@ -129,12 +119,12 @@ def test_help(capsys):
     for argv, expected in [(["--help"], "train"), (["train", "--help"], "gan2d"),
                            (["train", "gan", "--help"], "--lr-g LR"), (["train", "vae", "--help"], "--beta B"),
                            (["sample", "--help"], "--labels"), (["eval", "--help"], "mode coverage")]:
-        code, out, _ = _run(capsys, *argv)
+        code, out, _ = run_cli(capsys, *argv)
         assert code == 0 and expected in out, argv
-    _, out, _ = _run(capsys, "train", "gan", "--help")
+    _, out, _ = run_cli(capsys, "train", "gan", "--help")
     assert "(default: 0.0002)" in out and "dataset-fashion-mnist" in out and "--hidden" not in out
     for model in ("gan", "vae", "gan2d"):
-        _, out, _ = _run(capsys, "train", model, "--help")
+        _, out, _ = run_cli(capsys, "train", model, "--help")
         assert "--compile, --no-compile" in out and "--cuda-graphs, --no-cuda-graphs" in out, model
 
 
@@ -160,21 +150,21 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, capsys):
         (["frobnicate"], ["invalid choice"]),
     ]
     for argv, needles in cases:
-        _one_line_error(*_run(capsys, *argv)[::2], *needles)
+        _one_line_error(*run_cli(capsys, *argv)[::2], *needles)
 
     evil = tmp_path / "evil.pt"
     torch.save({"format": FORMAT, "config": {"model": "gan2d"}, "payload": Image.new("L", (1, 1))}, evil)
-    _one_line_error(*_run(capsys, "sample", str(evil))[::2], "pickled Python objects")
+    _one_line_error(*run_cli(capsys, "sample", str(evil))[::2], "pickled Python objects")
 
     run = tmp_path / "run"
-    assert _run(capsys, "train", "gan2d", "--steps", "1", "--hidden", "8", "--out-dir", str(run), *FAST)[0] == 0
-    _one_line_error(*_run(capsys, "train", "gan2d", "--steps", "1", "--out-dir", str(run), *FAST)[::2],
+    assert run_cli(capsys, "train", "gan2d", "--steps", "1", "--hidden", "8", "--out-dir", str(run), *FAST)[0] == 0
+    _one_line_error(*run_cli(capsys, "train", "gan2d", "--steps", "1", "--out-dir", str(run), *FAST)[::2],
                     "already holds a run")
-    _one_line_error(*_run(capsys, "train", "gan2d", "--resume", str(run), "--lr-g", "0.1")[::2],
+    _one_line_error(*run_cli(capsys, "train", "gan2d", "--resume", str(run), "--lr-g", "0.1")[::2],
                     "lr_g: cannot be changed when resuming")
-    _one_line_error(*_run(capsys, "sample", str(run), "--labels", "1")[::2], "only a cgan")
-    _one_line_error(*_run(capsys, "sample", str(run), "--out", str(tmp_path / "x.jpg"))[::2], ".png or .npy")
-    _one_line_error(*_run(capsys, "train", "cgan", "--resume", str(run))[::2], "is a gan2d run")
+    _one_line_error(*run_cli(capsys, "sample", str(run), "--labels", "1")[::2], "only a cgan")
+    _one_line_error(*run_cli(capsys, "sample", str(run), "--out", str(tmp_path / "x.jpg"))[::2], ".png or .npy")
+    _one_line_error(*run_cli(capsys, "train", "cgan", "--resume", str(run))[::2], "is a gan2d run")
 
 
 def test_bad_input_in_a_real_process(tmp_path):

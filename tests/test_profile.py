@@ -19,26 +19,16 @@ import torch
 from PIL import Image
 
 import fastgen.kernels
-from fastgen.cli import main
 from fastgen.data import write_idx
 from fastgen.profile import (NVML_FIELDS, NvmlSampler, NvmlUnavailable, _kernel_stats, _phase_stats,
                              fastgen_kernel_names, format_summary, phase, profile_steps)
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 GAN_PHASES = ("G forward", "D forward", "D loss", "D backward", "D optimizer", "G loss", "G backward", "G optimizer",
               "EMA")  # in the order a step runs them
 GAN2D = ["--hidden", "16", "--batch-size", "32"]
-
-
-def _run(capsys, *argv):
-    """main(argv) -> (exit code, stdout, stderr); argparse's exits count as return codes."""
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _annotations(trace_path):
@@ -67,7 +57,7 @@ def image_dir(tmp_path_factory):
 
 def test_profile_command_writes_trace_and_summary(tmp_path, capsys):
     out = tmp_path / "prof"
-    code, stdout, err = _run(capsys, "profile", "gan2d", "--steps", "3", "--warmup", "1", "--n-critic", "2", *GAN2D,
+    code, stdout, err = run_cli(capsys, "profile", "gan2d", "--steps", "3", "--warmup", "1", "--n-critic", "2", *GAN2D,
                              "--backend", "reference", "--device", "cpu", "--out", str(out))
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["summary.json", "summary.md", "trace.json"]  # no NVML on CPU
@@ -93,7 +83,7 @@ def test_profile_command_writes_trace_and_summary(tmp_path, capsys):
 def test_compare_backends(tmp_path, capsys):
     """Both backends, side by side (on the CPU, the tests' TRITON_INTERPRET=1 runs the triton one)."""
     out = tmp_path / "cmp"
-    code, stdout, err = _run(capsys, "profile", "gan2d", "--steps", "2", "--warmup", "1", *GAN2D,
+    code, stdout, err = run_cli(capsys, "profile", "gan2d", "--steps", "2", "--warmup", "1", *GAN2D,
                              "--compare-backends", "--out", str(out))
     assert code == 0, err
     runs = json.loads((out / "summary.json").read_text())["runs"]
@@ -112,7 +102,7 @@ def test_compare_backends(tmp_path, capsys):
 ])
 def test_profile_image_models(tmp_path, capsys, image_dir, model, options, phases):
     out = tmp_path / model
-    code, _, err = _run(capsys, "profile", model, "--steps", "1", "--warmup", "1", *options, "--data-dir", image_dir,
+    code, _, err = run_cli(capsys, "profile", model, "--steps", "1", "--warmup", "1", *options, "--data-dir", image_dir,
                         "--backend", "reference", "--device", "cpu", "--out", str(out))
     assert code == 0, err
     run = json.loads((out / "summary.json").read_text())["runs"]["reference"]
@@ -128,7 +118,7 @@ def test_profile_bad_input(tmp_path, capsys):
          "leave out --backend"),
     ]
     for argv, needle in cases:
-        code, _, err = _run(capsys, *argv)
+        code, _, err = run_cli(capsys, *argv)
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, (argv, err)
 
 
@@ -359,7 +349,7 @@ def test_nvml_sampler_on_the_gpu():
 @pytest.mark.gpu
 def test_profile_command_on_the_gpu(tmp_path, capsys):
     out = tmp_path / "gpu"
-    code, stdout, err = _run(capsys, "profile", "gan2d", "--steps", "3", "--warmup", "2", "--compare-backends",
+    code, stdout, err = run_cli(capsys, "profile", "gan2d", "--steps", "3", "--warmup", "2", "--compare-backends",
                              "--device", "cuda", "--out", str(out))
     assert code == 0, err
     assert "CPU only" not in stdout
