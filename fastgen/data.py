@@ -432,19 +432,32 @@ class BatchSampler:
     Iterating yields int64 tensors of shape ``(batch_size,)`` (the last batch of
     an epoch may be shorter when ``drop_last=False``), epoch after epoch forever.
 
+    Sharded for data-parallel training (``world_size > 1``), ``batch_size`` is the
+    global batch: every rank walks the same global order and yields its slice
+    ``[rank * b, (rank + 1) * b)`` of each batch, ``b = batch_size // world_size``,
+    so the ranks together see exactly the batches of one process. The state
+    stays global: any rank's state_dict resumes every rank.
+
     Args:
         n: number of items (> 0).
-        batch_size: items per batch (> 0; <= n when ``drop_last``).
+        batch_size: items per (global) batch (> 0; <= n when ``drop_last``; a
+            multiple of ``world_size``).
         seed: base seed (any int; only ``seed mod 2**64`` matters).
-        drop_last: drop the incomplete final batch of each epoch.
+        drop_last: drop the incomplete final batch of each epoch (required when
+            sharded: every rank takes an equal share).
+        rank: this process's shard, ``0 <= rank < world_size``.
+        world_size: number of shards.
 
     Raises:
-        TypeError: ``n``/``batch_size``/``seed`` not ints, ``drop_last`` not a bool.
-        ValueError: ``n < 1``, ``batch_size < 1``, or ``batch_size > n`` with
-            ``drop_last``.
+        TypeError: ``n``/``batch_size``/``seed``/``rank``/``world_size`` not ints,
+            ``drop_last`` not a bool.
+        ValueError: ``n < 1``, ``batch_size < 1``, ``batch_size > n`` with
+            ``drop_last``, ``rank`` out of range, ``batch_size`` not divisible by
+            ``world_size``, or sharded without ``drop_last``.
     """
 
-    def __init__(self, n: int, batch_size: int, *, seed: int = 0, drop_last: bool = True) -> None:
+    def __init__(self, n: int, batch_size: int, *, seed: int = 0, drop_last: bool = True, rank: int = 0,
+                 world_size: int = 1) -> None:
         self.n = _check_int("n", n, 1)
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.seed = _check_int("seed", seed)
@@ -456,6 +469,16 @@ class BatchSampler:
                 f"batch_size ({self.batch_size}) > n ({self.n}) with drop_last=True "
                 f"would yield no batches"
             )
+        self.world_size = _check_int("world_size", world_size, 1)
+        self.rank = _check_int("rank", rank, 0)
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank must be < world_size ({self.world_size}), got {self.rank}")
+        if self.batch_size % self.world_size:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of world_size "
+                             f"({self.world_size}): it is the global batch, split equally over the ranks")
+        if self.world_size > 1 and not drop_last:
+            raise ValueError("drop_last must be True when sharded (world_size > 1): every rank takes an "
+                             "equal share of every batch")
         self.epoch = 0
         self.position = 0  # index into the current epoch's permutation
         self._perm: torch.Tensor | None = None
@@ -488,7 +511,9 @@ class BatchSampler:
             self.position = 0
         perm = self._current_perm()
         end = min(self.position + self.batch_size, self.n)
-        batch = perm[self.position:end].clone()
+        shard = (end - self.position) // self.world_size  # the whole batch for one process
+        start = self.position + self.rank * shard
+        batch = perm[start:start + shard].clone()
         self.position = end
         return batch
 
