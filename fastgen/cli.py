@@ -25,6 +25,7 @@ from fastgen.data import DEFAULT_FASHION_MNIST_DIR, MIXTURE2D_NAMES
 from fastgen.models.gan import CONDITIONINGS
 from fastgen.models.losses import GAN_LOSSES
 from fastgen.profile import profile_trainer, write_summary
+from fastgen.train import distributed
 from fastgen.train.checkpoint import CheckpointError
 from fastgen.train.config import ARCHS, DEFAULTS, DEVICES, LIKELIHOODS, MODELS, RESUME_OPTIONS, TrainConfig
 from fastgen.train.factory import MNIST_CLASSES, resolve_device
@@ -120,6 +121,9 @@ _TRAIN_OPTIONS: dict[str, tuple[dict[str, Any], str]] = {
                 "one graph"),
     "cuda_graphs": ({"action": argparse.BooleanOptionalAction},
                     "also replay them as CUDA graphs (torch.compile mode reduce-overhead; CUDA only)"),
+    "sync_bn": ({"action": argparse.BooleanOptionalAction},
+                "under torchrun, BatchNorm statistics over the global batch (fastgen.nn.convert_sync_batchnorm); "
+                "without it each process normalizes by its own share"),
     "out_dir": ({"metavar": "DIR"}, "run directory (default: runs/MODEL-DATE-TIME)"),
     "log_every": ({"type": _positive_int, "metavar": "N"}, "steps between metrics.jsonl records"),
     "sample_every": ({"type": _positive_int, "metavar": "N"}, "steps between sample pictures"),
@@ -240,9 +244,11 @@ def _prepare_training(args: argparse.Namespace) -> Trainer:
 
 
 def _train(trainer: Trainer) -> int:
-    cfg = trainer.config
-    print(f"training {cfg.model} on {trainer.device.type} from step {trainer.step} to {cfg.steps}; "
-          f"run directory {trainer.run_dir} (samples every {cfg.sample_every} steps)", flush=True)
+    cfg, main = trainer.config, trainer.dist.is_main  # under torchrun, rank 0 speaks for the run
+    processes = f" x{trainer.dist.world_size} processes ({cfg.dist_backend})" if trainer.dist.enabled else ""
+    if main:
+        print(f"training {cfg.model} on {trainer.device.type}{processes} from step {trainer.step} to {cfg.steps}; "
+              f"run directory {trainer.run_dir} (samples every {cfg.sample_every} steps)", flush=True)
     start = time.perf_counter()
     try:
         record = trainer.fit()
@@ -253,6 +259,18 @@ def _train(trainer: Trainer) -> int:
         print(f"fastgen train: interrupted at step {trainer.step}; the last checkpoint is "
               f"{trainer.checkpoint_file} (step {trainer.saved_step})", file=sys.stderr)
         return 130
+    except Exception as err:
+        # Data parallel, a failure on another process surfaces here as a failed collective (gloo:
+        # RuntimeError "Connection reset by peer"; NCCL: DistBackendError): say which process
+        # stopped where, keep the traceback.
+        if trainer.dist.enabled:
+            print(f"fastgen train: rank {trainer.dist.rank} of {trainer.dist.world_size} stopped at step "
+                  f"{trainer.step} ({type(err).__name__}; if a collective failed, another process died or hung "
+                  f"first: see its log); the last checkpoint is {trainer.checkpoint_file} (step "
+                  f"{trainer.saved_step})", file=sys.stderr, flush=True)
+        raise
+    if not main:
+        return 0
     minutes, seconds = divmod(time.perf_counter() - start, 60)
     run = trainer.run_dir
     print(f"trained {trainer.config.model} to step {trainer.step} in {int(minutes)}m{seconds:04.1f}s "
@@ -337,11 +355,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = {"train": _prepare_training, "profile": _prepare_profile, "sample": _sample,
                "eval": _evaluate}[args.command]
     try:
-        result = command(args)
-    except (ValueError, FileNotFoundError, CheckpointError) as err:
-        print(f"fastgen {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    # Training and profiling run outside that handler: past setup, an exception is a bug and keeps its traceback.
-    if args.command == "profile":
-        return _profile(args, result)
-    return _train(result) if args.command == "train" else result
+        try:
+            result = command(args)
+        except (ValueError, FileNotFoundError, CheckpointError) as err:
+            print(f"fastgen {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        # Training and profiling run outside that handler: past setup, an exception is a bug and keeps its
+        # traceback.
+        if args.command == "profile":
+            return _profile(args, result)
+        return _train(result) if args.command == "train" else result
+    finally:
+        distributed.shutdown()  # the process group that a `train` under torchrun joined

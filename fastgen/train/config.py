@@ -17,14 +17,14 @@ from fastgen.data import MIXTURE2D_NAMES
 from fastgen.models.gan import CONDITIONINGS
 from fastgen.models.losses import GAN_LOSSES
 
-__all__ = ["MODELS", "TrainConfig", "RESUME_OPTIONS"]
+__all__ = ["MODELS", "TrainConfig", "RESUME_OPTIONS", "RECORDED"]
 
 MODELS = ("gan", "cgan", "ae", "vae", "gan2d")
 DEVICES = ("auto", "cpu", "cuda")
 ARCHS = ("mlp", "conv")
 LIKELIHOODS = ("bernoulli", "gaussian")
 
-_RUN = dict(seed=0, device="auto", backend="auto", amp=True, compile=False, cuda_graphs=False,
+_RUN = dict(seed=0, device="auto", backend="auto", amp=True, compile=False, cuda_graphs=False, sync_bn=False,
             log_every=50, out_dir=None)
 # The main job: DCGAN on Fashion-MNIST 32x32, sized to finish in minutes on a 2-core CPU.
 _GAN = dict(_RUN, data_dir=None, image_size=32, steps=2500, batch_size=64, width=32, latent_size=100,
@@ -47,6 +47,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "vae": dict(_AE, beta=1.0),
 }
 
+#: Facts about the run that the trainer records (config.json, checkpoints), not options: the number
+#: of processes in its torch.distributed group and their backend (both None: no process group).
+RECORDED = ("world_size", "dist_backend")
 #: Options a resumed run may change; the rest would make the continuation a different run.
 RESUME_OPTIONS = ("steps", "device", "backend", "compile", "cuda_graphs", "log_every", "sample_every",
                   "checkpoint_every")
@@ -67,6 +70,7 @@ class TrainConfig:
     amp: bool | None = None
     compile: bool | None = None
     cuda_graphs: bool | None = None
+    sync_bn: bool | None = None
     out_dir: str | None = None
     steps: int | None = None
     batch_size: int | None = None
@@ -99,6 +103,9 @@ class TrainConfig:
     beta1: float | None = None
     beta2: float | None = None
     ema: float | None = None
+    # recorded by the trainer (RECORDED)
+    world_size: int | None = None
+    dist_backend: str | None = None
 
     @classmethod
     def resolve(cls, model: str, **overrides: Any) -> "TrainConfig":
@@ -128,10 +135,12 @@ class TrainConfig:
         applies = DEFAULTS[self.model]
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name != "model" and field.name not in applies and value is not None:
+            if field.name not in ("model", *RECORDED) and field.name not in applies and value is not None:
                 raise ValueError(f"{field.name}: not an option of model {self.model!r}")
         _positive_ints(self, "steps", "batch_size", "log_every", "sample_every", "checkpoint_every", "width",
-                       "latent_size", "depth", "n_critic")
+                       "latent_size", "depth", "n_critic", "world_size")
+        if self.dist_backend is not None and not isinstance(self.dist_backend, str):
+            raise ValueError(f"dist_backend: expected a backend name or None, got {self.dist_backend!r}")
         if self.model == "gan2d":
             _positive_ints(self, "hidden")
         elif self.hidden is not None and (not isinstance(self.hidden, list) or not self.hidden or any(
@@ -145,7 +154,7 @@ class TrainConfig:
         _choice(self, "arch", ARCHS)
         _choice(self, "likelihood", LIKELIHOODS)
         _choice(self, "image_size", (28, 32, 64) if self.model in ("ae", "vae") else (32, 64))
-        for name in ("compile", "cuda_graphs"):
+        for name in ("compile", "cuda_graphs", "sync_bn"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:

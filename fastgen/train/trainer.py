@@ -11,10 +11,15 @@ Determinism: the run seeds torch, numpy and ``random`` from ``seed``; data order
 :class:`~fastgen.data.BatchSampler`; pictures are drawn on a forked RNG. A checkpoint holds all of
 that state, so on the CPU a resumed run repeats the losses and weights of an uninterrupted one
 bit for bit. On CUDA, bf16 autocast (``amp``) runs the forward passes.
+
+Under torchrun the trainer is data parallel (:mod:`fastgen.train.distributed`): ``batch_size`` is
+the global batch, the passes run in DistributedDataParallel, logged values are global means and
+rank 0 alone writes the run directory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -35,6 +40,7 @@ from fastgen.models.losses import GANObjective, gradient_penalty, r1_penalty
 from fastgen.profile import phase
 from fastgen.train.checkpoint import (CheckpointError, atomic_write_bytes, capture_rng_state, load_checkpoint,
                                       restore_rng_state, save_checkpoint)
+from fastgen.train import distributed
 from fastgen.train.config import RESUME_OPTIONS, TrainConfig
 from fastgen.train.factory import GAN_MODELS, build_models, load_dataset, resolve_device
 from fastgen.train.inference import CHECKPOINT_FILE, checkpoint_path, save_sample_picture
@@ -76,6 +82,18 @@ class EMA:
             avg.copy_(live)
 
 
+def _seed_all(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and ``random``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _default_rng_state(device: torch.device) -> Tensor:
+    """The state of torch's default generator of ``device``."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
 def _adam(model: nn.Module, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
     # foreach: one kernel per op over all tensors (the CUDA default; on the CPU it saves the
     # per-tensor overhead that dominates small models).
@@ -99,17 +117,30 @@ class Trainer:
     images_per_step: int
 
     def __init__(self, config: TrainConfig, *, progress: bool = True) -> None:
-        self.config = config
-        self.progress = progress
-        self.device = resolve_device(config.device)
+        self.dist, self.device = distributed.setup(resolve_device(config.device))
+        # Recorded with a process group only (a plain run's config stays as it was resolved). Every
+        # rank writes to rank 0's directory (a default one is named after each rank's clock).
+        grouped = self.dist.backend is not None
+        self.config = config = dataclasses.replace(
+            config, world_size=self.dist.world_size if grouped else None, dist_backend=self.dist.backend,
+            out_dir=self.dist.broadcast(config.out_dir))
+        self.progress = progress and self.dist.is_main
         self.amp = bool(config.amp) and self.device.type == "cuda"
         self.run_dir = Path(config.out_dir)
-        torch.manual_seed(config.seed)
-        np.random.seed(config.seed)
-        random.seed(config.seed)
+        _seed_all(config.seed)  # alike on every rank: the same initial weights and latents
         self.data = load_dataset(config, self.device)
-        self.sampler = BatchSampler(len(self.data.inputs), config.batch_size, seed=config.seed)
+        self.sampler = BatchSampler(len(self.data.inputs), config.batch_size, seed=config.seed,
+                                    rank=self.dist.rank, world_size=self.dist.world_size)
         self.models = build_models(config, self.device)
+        if config.sync_bn:
+            self._synchronize_batch_norm()
+        # Data parallel: the stream alike on every rank moves to its own generator (the GAN
+        # latents of the global batch); the default generators become the rank's own stream.
+        self._shared_rng: torch.Generator | None = None
+        if self.dist.enabled:
+            self._shared_rng = torch.Generator(self.device)
+            self._shared_rng.set_state(_default_rng_state(self.device))
+            _seed_all(distributed.rank_seed(config.seed, self.dist.rank))
         self.optimizers = self._build_optimizers()
         if config.cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs: needs a CUDA device, got device {self.device.type!r}")
@@ -152,8 +183,12 @@ class Trainer:
     # State
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs, as tensors and plain values (for ``weights_only`` loading)."""
-        return {
+        """Everything a resume needs, as tensors and plain values (for ``weights_only`` loading).
+
+        Data parallel, a collective (every rank calls it): it adds every rank's RNG states
+        (``rank_rng``) and the shared stream's (``shared_rng``); the rest is alike on every rank.
+        """
+        state = {
             "config": self.config.to_dict(),
             "step": self.step,
             "models": {name: module.state_dict() for name, module in self.models.items()},
@@ -161,6 +196,10 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "rng": capture_rng_state(),
         }
+        if self._shared_rng is not None:
+            state["rank_rng"] = self.dist.all_gather(state["rng"])
+            state["shared_rng"] = self._shared_rng.get_state()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output. Raises CheckpointError when it does not fit this run."""
@@ -170,18 +209,43 @@ class Trainer:
             for name, optimizer in self.optimizers.items():
                 optimizer.load_state_dict(state["optimizers"][name])
             self.sampler.load_state_dict(state["sampler"])
-            restore_rng_state(state["rng"])
             self.step = self.saved_step = int(state["step"])
+            restore_rng_state(state["rng"])
+            if self._shared_rng is not None:
+                self._load_rank_streams(state)
         except (KeyError, RuntimeError, TypeError, ValueError) as err:
             raise CheckpointError(f"the checkpoint does not fit this run ({type(err).__name__}: {err})") from None
+
+    def _load_rank_streams(self, state: dict[str, Any]) -> None:
+        # A checkpoint of one process (or of another world size) continues its stream as the
+        # shared one and starts fresh rank streams, seeded by the step so they never repeat.
+        self._shared_rng.set_state(state.get("shared_rng", _default_rng_state(self.device)))
+        ranks = state.get("rank_rng", [])
+        if len(ranks) == self.dist.world_size:
+            restore_rng_state(ranks[self.dist.rank])
+        else:
+            _seed_all(distributed.rank_seed(self.config.seed, self.dist.rank, self.step))
+
+    def _synchronize_batch_norm(self) -> None:
+        """``--sync-bn``: BatchNorm statistics over the whole global batch (fastgen.nn's fused
+        layers merge them across ranks); the EMA copy only runs in eval mode and stays as it is."""
+        from fastgen import nn as fastgen_nn  # the trainer builds on fastgen.nn's public API
+
+        if not hasattr(fastgen_nn, "convert_sync_batchnorm"):
+            raise ValueError("sync_bn: this fastgen has no fastgen.nn.convert_sync_batchnorm")
+        for name in ("generator", "discriminator", "model"):
+            if name in self.models:
+                self.models[name] = fastgen_nn.convert_sync_batchnorm(self.models[name])
 
     @property
     def checkpoint_file(self) -> Path:
         return self.run_dir / CHECKPOINT_FILE
 
     def save_checkpoint(self) -> None:
-        """Write the run's state to ``checkpoint.pt`` atomically."""
-        save_checkpoint(self.state_dict(), self.checkpoint_file)
+        """Write the run's state to ``checkpoint.pt`` atomically (rank 0; every rank calls it)."""
+        state = self.state_dict()
+        if self.dist.is_main:
+            save_checkpoint(state, self.checkpoint_file)
         self.saved_step = self.step
 
     # ------------------------------------------------------------------------------------------
@@ -197,9 +261,11 @@ class Trainer:
         cfg = self.config
         if self.step >= cfg.steps:
             raise ValueError(f"steps: the run is already at step {self.step}; pass more steps to continue it")
-        (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.run_dir / CONFIG_FILE, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
-        self._drop_metrics_after(self.step)
+        main = self.dist.is_main  # rank 0 alone writes the run directory
+        if main:
+            (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.run_dir / CONFIG_FILE, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+            self._drop_metrics_after(self.step)
         sums: dict[str, float] = {}
         window_steps, window_seconds, record = 0, 0.0, {}
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step",
@@ -219,10 +285,11 @@ class Trainer:
                     if self.step % cfg.log_every == 0 or last:
                         record = {"step": self.step, **{k: v / window_steps for k, v in sums.items()},
                                   "images_per_s": window_steps * self.images_per_step / window_seconds}
-                        self._append_metrics(record)
+                        if main:
+                            self._append_metrics(record)
                         bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k != "step"}, refresh=False)
                         sums, window_steps, window_seconds = {}, 0, 0.0
-                    if self.step % cfg.sample_every == 0 or last:
+                    if main and (self.step % cfg.sample_every == 0 or last):
                         self.save_samples(self.run_dir / "samples" / f"step_{self.step:06d}.png")
                     if self.step % cfg.checkpoint_every == 0 or last:
                         self.save_checkpoint()
@@ -250,6 +317,15 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, self.data.labels[index] if with_labels else None
 
+    def _shared_randn(self, rows: int, *size: int) -> Tensor:
+        """Standard normal noise ``(rows, *size)`` for this rank's shard of ``rows`` examples. Data
+        parallel, every rank draws the noise of the global batch from the shared stream and keeps
+        its rows: the ranks together see the noise of one process."""
+        if self._shared_rng is None:
+            return torch.randn(rows, *size, device=self.device)
+        noise = torch.randn(rows * self.dist.world_size, *size, generator=self._shared_rng, device=self.device)
+        return noise[self.dist.rank * rows:(self.dist.rank + 1) * rows]
+
     def _compiled(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` under torch.compile with ``--compile`` (one graph: fullgraph, fastgen's ops
         included), and replayed as CUDA graphs with ``--cuda-graphs`` (Inductor's
@@ -269,14 +345,16 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     def _apply(self, optimizer: str, loss: Tensor, logged: dict[str, Tensor]) -> dict[str, float]:
-        """Backward ``loss``, check the logged values (one device sync), then step ``optimizer``."""
+        """Backward ``loss``, check the logged values (one device sync; data parallel, their global
+        means in one all-reduce, so every rank takes the same decision), then step ``optimizer``."""
         opt = self.optimizers[optimizer]
         backward, update = _UPDATE_PHASES[optimizer]
         with phase(backward):
             opt.zero_grad(set_to_none=True)
             loss.backward()
         with phase(update):
-            values = dict(zip(logged, torch.stack([t.detach().float() for t in logged.values()]).tolist()))
+            means = self.dist.mean(torch.stack([t.detach().float() for t in logged.values()]))
+            values = dict(zip(logged, means.tolist()))
             bad = [f"{name}={value}" for name, value in values.items() if not math.isfinite(value)]
             if bad:
                 kept = (f"the last good checkpoint is {self.checkpoint_file} (step {self.saved_step})"
@@ -310,6 +388,40 @@ def _record_step(line: str) -> float:
         return math.inf
 
 
+class _Discriminate(nn.Module):
+    """D's passes as one module's forward, for DDP (which averages the gradients of calls through
+    its module's forward): adversarial logits ``(B,)`` and, for ACGAN, class logits ``(B, K)`` (its
+    logits ignore labels). ``eager=True`` runs the pass uncompiled (one that a penalty
+    differentiates twice), otherwise as ``compiled`` makes it."""
+
+    def __init__(self, discriminator: nn.Module, acgan: bool,
+                 compiled: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+        super().__init__()
+        self.discriminator = discriminator
+        self.acgan = acgan
+        self._compiled_pass = compiled(self._pass)
+
+    def forward(self, x: Tensor, labels: Tensor | None, eager: bool = False) -> tuple[Tensor, Tensor | None]:
+        return (self._pass if eager else self._compiled_pass)(x, labels)
+
+    def _pass(self, x: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        if self.acgan:
+            features = self.discriminator.features(x)
+            return self.discriminator.head(features), self.discriminator.classify(features)
+        return self.discriminator(x, labels), None
+
+
+class _MeanLoss(nn.Module):
+    """An AE/VAE's loss as a module's forward (for DDP): the batch mean of ``model.loss(x)``, a scalar."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.loss(x).mean()
+
+
 class GANTrainer(Trainer):
     """Alternating updates: ``n_critic`` discriminator steps, each on a fresh real batch, then one
     generator step on the last critic step's generated batch; Adam for both (DCGAN defaults
@@ -327,10 +439,16 @@ class GANTrainer(Trainer):
         self.images_per_step = config.batch_size * config.n_critic
         self.ema = (EMA(self.models["generator_ema"], self.models["generator"])
                     if "generator_ema" in self.models else None)
-        # The forward passes under --compile. A pass that a penalty differentiates twice (R1's
-        # real pass, WGAN-GP's interpolates) stays eager: a compiled backward is differentiable once.
-        self._generate = self._compiled(self.models["generator"])
-        self._discriminate_compiled = self._compiled(self._discriminate)
+        # The passes under --compile, in DDP when data parallel. DDP goes around the compiled
+        # module: torch.compile of a DDP module breaks the graph at DDP's hooks, which --compile's
+        # fullgraph refuses. A pass that a penalty differentiates twice (R1's real pass, WGAN-GP's
+        # interpolates) stays eager: a compiled backward is differentiable once.
+        discriminate = _Discriminate(self.models["discriminator"], self.acgan, self._compiled)
+        self._generate = self.dist.wrap(self._compiled(self.models["generator"]), self.device)
+        self._discriminate = self.dist.wrap(discriminate, self.device)
+        # G's step runs D frozen: no D gradient to average, so D's plain module (DDP expects a
+        # gradient for every parameter of a pass through it).
+        self._judge = discriminate
 
     def _build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         betas = (self.config.beta1, self.config.beta2)
@@ -339,22 +457,13 @@ class GANTrainer(Trainer):
             "discriminator": _adam(self.models["discriminator"], self.config.lr_d, betas),
         }
 
-    def _discriminate(self, x: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Adversarial logits ``(B,)`` and, for ACGAN, class logits ``(B, K)`` (its logits ignore labels)."""
-        discriminator = self.models["discriminator"]
-        if self.acgan:
-            features = discriminator.features(x)
-            return discriminator.head(features), discriminator.classify(features)
-        return discriminator(x, labels), None
-
     def _discriminator_step(self, real: Tensor, fake: Tensor, labels: Tensor | None) -> dict[str, float]:
         cfg = self.config
         if cfg.r1_gamma:
             real.requires_grad_(True)
         with self._autocast(), phase("D forward"):
-            real_pass = self._discriminate if cfg.r1_gamma else self._discriminate_compiled
-            real_logits, real_classes = real_pass(real, labels)
-            fake_logits, fake_classes = self._discriminate_compiled(fake, labels)
+            real_logits, real_classes = self._discriminate(real, labels, eager=bool(cfg.r1_gamma))
+            fake_logits, fake_classes = self._discriminate(fake, labels)
         with self._autocast(), phase("D loss"):
             out = self.objective.d_loss(real_logits, fake_logits)
             loss = out.loss
@@ -364,7 +473,7 @@ class GANTrainer(Trainer):
                                      + F.cross_entropy(fake_classes.float(), labels))
                 loss = loss + logged["d_class"]
             if cfg.loss == "wgan_gp":
-                logged["gp"] = gradient_penalty(lambda x: self._discriminate(x, labels)[0], real, fake)
+                logged["gp"] = gradient_penalty(lambda x: self._discriminate(x, labels, eager=True)[0], real, fake)
                 loss = loss + cfg.gp_weight * logged["gp"]
             if cfg.r1_gamma:
                 logged["r1"] = r1_penalty(real_logits, real)
@@ -377,7 +486,7 @@ class GANTrainer(Trainer):
         try:
             # G's loss is D's verdict on the generated batch: D's forward pass belongs to it.
             with self._autocast(), phase("G loss"):
-                fake_logits, fake_classes = self._discriminate_compiled(fake, labels)
+                fake_logits, fake_classes = self._judge(fake, labels)
                 out = self.objective.g_loss(fake_logits)
                 loss = out.loss
                 logged = {"g_loss": out.loss}
@@ -395,7 +504,7 @@ class GANTrainer(Trainer):
         for critic_step in range(self.config.n_critic):
             # Conditional models generate the classes of the real batch.
             real, labels = self._next_batch(with_labels=self.conditional)
-            z = torch.randn(real.shape[0], generator.latent_size, device=self.device)
+            z = self._shared_randn(real.shape[0], generator.latent_size)
             # Only the last critic step's fake batch feeds the generator step: keep its graph.
             with self._autocast(), torch.set_grad_enabled(critic_step == self.config.n_critic - 1), \
                     phase("G forward"):
@@ -415,7 +524,7 @@ class AutoencoderTrainer(Trainer):
     def __init__(self, config: TrainConfig, *, progress: bool = True) -> None:
         super().__init__(config, progress=progress)
         self.images_per_step = config.batch_size
-        self._loss = self._compiled(lambda x: self.models["model"].loss(x).mean())
+        self._loss = self.dist.wrap(self._compiled(_MeanLoss(self.models["model"])), self.device)
 
     def _build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"model": _adam(self.models["model"], self.config.lr, (self.config.beta1, self.config.beta2))}
