@@ -103,10 +103,7 @@ def run_pool(jobs: list[P.Job], workers: int, limit_s: float,
             job_limit = max(P.JOB_LIMIT_FACTOR * job.est_s, P.JOB_LIMIT_MIN_S)
             if rc is None and now < deadline and now - start < job_limit:
                 continue
-            if rc is None:
-                _kill(proc)
-            else:
-                _RUNNING.discard(proc)
+            _kill(proc)  # also what a finished job left running in its group (compile workers)
             status = "timeout" if rc is None else "ok" if rc == 0 else "failed"
             results[name] = {"status": status, "rc": rc, "seconds": now - start, "est_s": job.est_s}
             del running[name]

@@ -15,15 +15,16 @@ Backends:
 The choice comes from, in order: the innermost :func:`use_backend` context, the environment
 variable ``FASTGEN_BACKEND``, then ``"auto"``.
 
-Fused backwards. :func:`dispatch` chooses the path in the forward; the backward of a Triton
-forward must run its Triton backward, which can fail too (a backward kernel is compiled on first
-use). Run it through :func:`guard`: under "auto" a failure warns once and marks the op failed,
-so that every later call runs the reference forward and backward, and this backward returns the
-reference's gradients when the caller can compute them (``reference_impl``, typically a vjp of
-the reference on the inputs the forward saved); without them the error propagates, since the
-Triton forward saved only what its own backward needs. Under "triton" the failure raises. Pass
-the backend the forward ran under (``get_backend()`` saved in the forward): autograd runs CUDA
-backwards on its own threads, which do not see the forward's :func:`use_backend` context.
+Fused backwards run under the backend their forward ran under (the op layer saves
+``get_backend()`` in the forward: autograd runs CUDA backwards on its own threads, which do not
+see the forward's :func:`use_backend` context), and can fail too (a backward kernel is compiled
+on first use). Where the reference computes the same gradients from what the forward saved (the
+losses, the log-density, every conv and BN op), the backward is one more :func:`dispatch`: under
+"auto" a failure warns once, marks the op failed (later calls run the reference forward and
+backward) and returns the reference's gradients. Where it cannot (the sampler: the reference
+cannot regenerate the fused path's noise), the backward of a fused forward
+(:func:`chooses_triton` at the forward) runs through :func:`guard` without a reference, and a
+failure raises after being remembered. Under "triton" every failure raises.
 """
 
 from __future__ import annotations
@@ -100,6 +101,18 @@ def _triton_can_run_on(tensors: tuple[torch.Tensor, ...]) -> bool:
     return all(t.is_cuda for t in tensors)
 
 
+def chooses_triton(op: str, tensors: tuple[torch.Tensor, ...]) -> bool:
+    """Whether :func:`dispatch` would run ``op`` on these tensors on the Triton path (for "triton",
+    also where it would raise instead). Asked right after a forward, it tells the path that
+    forward took: a Triton failure under "auto" has marked the op failed by then."""
+    backend = get_backend()
+    if backend == "reference":
+        return False
+    if backend == "triton":
+        return True
+    return op not in _failed_ops and triton_available() and _triton_can_run_on(tensors)
+
+
 def dispatch(op: str, tensors: tuple[torch.Tensor, ...], triton_impl: Callable[[], T],
              reference_impl: Callable[[], T]) -> T:
     """Run ``op`` on the backend in force.
@@ -119,7 +132,7 @@ def dispatch(op: str, tensors: tuple[torch.Tensor, ...], triton_impl: Callable[[
                 f"fastgen.{op}: backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the "
                 f"CPU interpreter); got tensors on {sorted({str(t.device) for t in tensors})}")
         return triton_impl()
-    if op in _failed_ops or not triton_available() or not _triton_can_run_on(tensors):
+    if not chooses_triton(op, tensors):
         return reference_impl()
     return _auto(op, triton_impl, reference_impl)
 

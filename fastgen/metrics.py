@@ -35,7 +35,8 @@ from typing import Any
 import torch
 
 __all__ = ["ModeCoverage", "mode_coverage", "evaluate_mixture", "frechet_distance",
-           "gaussian_stats", "kid", "precision_recall", "density_coverage"]
+           "gaussian_stats", "kid", "precision_recall", "density_coverage", "pca_fit", "pca_mse",
+           "bits_per_dim"]
 
 _CHUNK = 65536
 
@@ -234,11 +235,14 @@ def frechet_distance(real: Any, fake: Any) -> float:
 
 
 def _stats(x: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, covariance) from features, or as given in a tuple (float64, CPU, checked)."""
     if isinstance(x, tuple):
-        mean, cov = (torch.as_tensor(t, dtype=torch.float64) for t in x)
+        mean, cov = (torch.as_tensor(t).detach().to(device="cpu", dtype=torch.float64) for t in x)
         if mean.dim() != 1 or cov.shape != (mean.shape[0], mean.shape[0]):
             raise ValueError(f"{name}: expected (mean (d,), covariance (d, d)), got shapes "
                              f"{tuple(mean.shape)}, {tuple(cov.shape)}")
+        if not (torch.isfinite(mean).all() and torch.isfinite(cov).all()):
+            raise ValueError(f"{name}: expected finite statistics")
         return mean, cov
     try:
         return gaussian_stats(x)
@@ -258,8 +262,9 @@ def kid(real: Any, fake: Any, *, subsets: int = 100, subset_size: int = 1000,
     """
     x = _check_features("real", real)
     y = _check_features("fake", fake, x.shape[1])
-    if subsets < 1 or subset_size < 2:
-        raise ValueError(f"subsets, subset_size: expected >= 1 and >= 2, got {subsets}, {subset_size}")
+    for name, value, minimum in (("subsets", subsets, 1), ("subset_size", subset_size, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
     size = min(subset_size, x.shape[0], y.shape[0])
     d = x.shape[1]
     values = []
@@ -278,22 +283,35 @@ def kid(real: Any, fake: Any, *, subsets: int = 100, subset_size: int = 1000,
 _DISTANCE_CHUNK = 1024
 
 
+def _distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances, each pair computed the same way whatever the block it is in
+    (``cdist``'s matmul form rounds by block shape, and a point on a k-NN radius would be in or
+    out by rounding)."""
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def _check_k(k: object) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k: expected an int >= 1, got {k!r}")
+    return k
+
+
 def _balls_containing(queries: torch.Tensor, points: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
     """For each query row, how many ``points`` balls (centre, radius) contain it: ``(n_queries,)``."""
     counts = torch.empty(queries.shape[0], dtype=torch.int64)
     for start in range(0, queries.shape[0], _DISTANCE_CHUNK):
-        dist = torch.cdist(queries[start:start + _DISTANCE_CHUNK], points)
+        dist = _distances(queries[start:start + _DISTANCE_CHUNK], points)
         counts[start:start + _DISTANCE_CHUNK] = (dist <= radii[None, :]).sum(1)
     return counts
 
 
 def _knn_radii(x: torch.Tensor, k: int) -> torch.Tensor:
     """Distance of each row to its k-th nearest other row."""
-    if k >= x.shape[0]:
+    if _check_k(k) >= x.shape[0]:
         raise ValueError(f"k: expected fewer than the {x.shape[0]} rows of a set, got {k}")
     radii = torch.empty(x.shape[0], dtype=torch.float64)
     for start in range(0, x.shape[0], _DISTANCE_CHUNK):
-        dist = torch.cdist(x[start:start + _DISTANCE_CHUNK], x)
+        dist = _distances(x[start:start + _DISTANCE_CHUNK], x)
         radii[start:start + _DISTANCE_CHUNK] = dist.kthvalue(k + 1, dim=1).values  # +1: itself
     return radii
 
@@ -327,6 +345,38 @@ def density_coverage(real: Any, fake: Any, *, k: int = 5) -> tuple[float, float]
     density = _balls_containing(y, x, radii).sum() / (k * y.shape[0])
     covered = torch.zeros(x.shape[0], dtype=torch.bool)
     for start in range(0, y.shape[0], _DISTANCE_CHUNK):
-        dist = torch.cdist(y[start:start + _DISTANCE_CHUNK], x)
+        dist = _distances(y[start:start + _DISTANCE_CHUNK], x)
         covered |= (dist <= radii[None, :]).any(0)
     return float(density), float(covered.double().mean())
+
+
+# ----------------------------------------------------------------------------------------------
+# Baselines of auto-encoders and density models
+
+
+def pca_fit(data: Any, components: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Principal component analysis (the optimal linear auto-encoder, Baldi & Hornik 1989): the
+    mean ``(D,)`` and the ``components`` leading eigenvectors ``(components, D)`` of the
+    covariance of ``data`` ``(n, D)`` (any trailing shape is flattened), by ``torch.linalg.eigh``
+    in float64."""
+    x = _check_features("data", torch.as_tensor(data).flatten(1))
+    if not 1 <= components <= x.shape[1]:
+        raise ValueError(f"components: expected 1..{x.shape[1]}, got {components}")
+    mean = x.mean(0)
+    centered = x - mean
+    _, vectors = torch.linalg.eigh(centered.T @ centered)  # eigenvalues ascending
+    return mean, vectors[:, -components:].flip(1).T.contiguous()
+
+
+def pca_mse(data: Any, mean: torch.Tensor, components: torch.Tensor) -> float:
+    """Mean squared error per element of the PCA reconstruction
+    ``mean + (x - mean) V^T V`` of ``data`` ``(n, ...)``, with ``V`` = ``components`` ``(k, D)``."""
+    x = _check_features("data", torch.as_tensor(data).flatten(1), mean.shape[0], minimum=1)
+    centered = x - mean
+    residual = centered - centered @ components.T @ components
+    return float(residual.square().mean())
+
+
+def bits_per_dim(nats_per_item: float, dims: int) -> float:
+    """A negative log-likelihood in nats per item as bits per dimension: ``nats / (dims ln 2)``."""
+    return nats_per_item / (dims * math.log(2))

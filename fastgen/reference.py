@@ -68,7 +68,10 @@ def bce_with_logits(logits: Tensor, target: Tensor, *, reduction: str = "mean") 
 
 def _bce_elementwise(logits: Tensor, target: Tensor | float) -> Tensor:
     # softplus is log1p(exp(x)) below its threshold: exact even where the loss is ~1e-14, which
-    # PyTorch's own binary_cross_entropy_with_logits rounds to a few digits.
+    # PyTorch's own binary_cross_entropy_with_logits rounds to a few digits. The loss is in the
+    # logits' dtype whatever the target's (a float32 image against bf16 decoder logits).
+    if isinstance(target, Tensor):
+        target = target.to(logits.dtype)
     return F.softplus(logits) - target * logits
 
 

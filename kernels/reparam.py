@@ -132,7 +132,8 @@ def _reparam_fwd_kernel(mu_ptr, logvar_ptr, z_ptr, kl_ptr, seed_offset_ptr, n_ro
         mask = row_mask[:, None] & (cols < n_cols)[None, :]
         offs = rows[:, None] * n_cols + cols[None, :]
         mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(ACC)
-        lv = tl.minimum(tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(ACC), LOGVAR_MAX)
+        lv = tl.minimum(tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(ACC), LOGVAR_MAX,
+                        propagate_nan=tl.PropagateNan.ALL)
         std = tl.exp(0.5 * lv)
         kl_terms += tl.where(mask, mu * mu + std * std - 1.0 - lv, 0.0)
         # Sample s lives at rows s * n_rows + rows of z seen as (S * B, D); stepping an int64
@@ -163,7 +164,7 @@ def _reparam_bwd_kernel(mu_ptr, logvar_ptr, grad_z_ptr, grad_kl_ptr, grad_mu_ptr
         mask = row_mask[:, None] & (cols < n_cols)[None, :]
         offs = rows[:, None] * n_cols + cols[None, :]
         logvar = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(ACC)
-        lv = tl.minimum(logvar, LOGVAR_MAX)
+        lv = tl.minimum(logvar, LOGVAR_MAX, propagate_nan=tl.PropagateNan.ALL)
         std = tl.exp(0.5 * lv)
         grad_mu = tl.zeros([BLOCK_B, BLOCK_D], dtype=ACC)
         grad_lv = tl.zeros([BLOCK_B, BLOCK_D], dtype=ACC)
@@ -195,7 +196,7 @@ def _gaussian_params(mu_ptr, logvar_ptr, offs, mask, LOGVAR_MAX: tl.constexpr, H
     if HAS_PARAMS:
         mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(ACC)
         logvar = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(ACC)
-        lv = tl.minimum(logvar, LOGVAR_MAX)
+        lv = tl.minimum(logvar, LOGVAR_MAX, propagate_nan=tl.PropagateNan.ALL)
         inv_std = tl.exp(-0.5 * lv)
     else:
         mu = tl.zeros([BLOCK_B, BLOCK_D], dtype=ACC)

@@ -202,8 +202,11 @@ def test_precision_recall_identical_disjoint_and_known_answer():
 
 def test_density_coverage_identical_disjoint_and_known_answer():
     x = _gaussian(400, [0.0, 0.0], [1.0, 1.0], 7)
-    density, coverage = density_coverage(x, x, k=5)
-    assert coverage == 1.0 and density == pytest.approx(1.0, abs=0.2)
+    # Identical sets: each ball holds its centre and its k neighbours (the k-th on its edge).
+    assert density_coverage(x, x, k=5) == (pytest.approx(6 / 5), 1.0)
+    # An independent draw of the same distribution: density about 1.
+    density, coverage = density_coverage(x, _gaussian(400, [0.0, 0.0], [1.0, 1.0], 17), k=5)
+    assert density == pytest.approx(1.0, abs=0.15) and coverage > 0.9
     assert density_coverage(x, x + 100.0, k=5) == (0.0, 0.0)
     # Real 0, 1, 2, 3 with k = 1 (radius 1 each); fake 0.5 lies in the balls of 0 and 1,
     # fake 3 in those of 2 and 3: density = 4 / (1 * 2) = 2, coverage = 4 / 4.
@@ -211,6 +214,12 @@ def test_density_coverage_identical_disjoint_and_known_answer():
     assert density_coverage(real, torch.tensor([[0.5], [3.0]]), k=1) == (2.0, 1.0)
     with pytest.raises(ValueError, match="k: expected fewer than the 4 rows"):
         density_coverage(real, real, k=4)
+    with pytest.raises(ValueError, match="k: expected an int >= 1"):
+        precision_recall(real, real, k=0)
+    with pytest.raises(ValueError, match="subset_size: expected an int >= 2"):
+        kid(real, real, subset_size=1)
+    with pytest.raises(ValueError, match="fake: expected finite statistics"):
+        frechet_distance(real, (torch.zeros(1), torch.full((1, 1), float("nan"))))
 
 
 def test_neighbour_metrics_do_not_depend_on_the_chunking(monkeypatch):

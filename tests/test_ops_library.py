@@ -47,6 +47,9 @@ def _op_samples(dtype=torch.float32):
         (ops.bce_with_logits, (_leaf(3, 5, dtype=dtype), torch.rand(3, 5, dtype=dtype), "mean")),
         (ops.bce_with_logits, (_leaf(3, 5, dtype=dtype), torch.rand(3, 5, dtype=dtype), "per_sample")),
         (ops.bce_with_logits, (_leaf(2, 3, dtype=dtype), torch.rand(2, 3, dtype=dtype), "none")),
+        # a float64 target against the logits' dtype (an fp32 image against fp16 logits): the
+        # loss keeps the logits' dtype on every path
+        (ops.bce_with_logits, (_leaf(2, 3, dtype=dtype), torch.rand(2, 3, dtype=torch.float64), "sum")),
         (ops.gan_loss, (_leaf(5, dtype=dtype), _leaf(7, dtype=dtype), 0.9, 0.0, 0.2, 1 / 7)),
         (ops.gan_loss, (None, _leaf(6, 1, dtype=dtype), 0.0, 1.0, 0.0, 1 / 6)),
         (ops.reparameterize, (_leaf(3, 5, dtype=dtype), _leaf(3, 5, dtype=dtype), torch.tensor([7, 0]), 1)),
@@ -181,6 +184,31 @@ def test_gradgradcheck_float64(name):
     with fastgen.use_backend(name):
         for fn, inputs in checks:
             assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_failed_fused_sampler_backward_raises_instead_of_using_other_noise(monkeypatch):
+    """The reference draws other noise than the fused forward did: when the fused backward fails
+    under "auto", the op is remembered as failed and the error propagates, never gradients for
+    another eps."""
+    from fastgen.kernels import reparam as kernels
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated backward compile failure")
+
+    mu = torch.randn(3, 4, requires_grad=True)
+    z, _ = F.reparameterize(mu, torch.zeros(3, 4))
+    monkeypatch.setattr(kernels, "reparameterize_backward", broken)
+    try:
+        with pytest.warns(RuntimeWarning, match="reparameterize"), \
+                pytest.raises(RuntimeError, match="simulated backward compile failure"):
+            z.sum().backward()
+        assert "reparameterize" in fastgen.backend.failed_ops()
+        # Later calls run the reference, forward and backward, consistently.
+        z, _ = F.reparameterize(mu, torch.zeros(3, 4))
+        (grad,) = torch.autograd.grad(z.sum(), mu)
+        assert torch.equal(grad, torch.ones_like(mu))
+    finally:
+        fastgen.backend.reset_failures()
 
 
 def test_third_derivatives_raise():

@@ -493,3 +493,15 @@ def test_cuda_graph_capture_replays_with_new_seed_values():
         graph.replay()
         for got, want in zip(captured, step()):
             assert torch.equal(got, want)
+
+
+def test_nan_logvar_propagates(device):
+    """A NaN logvar must reach z and the KL (a NaN guard then stops the run): the clamp at
+    LOGVAR_MAX propagates NaN, as torch.clamp does (a GPU min would return the bound)."""
+    mu = torch.zeros(2, 3, device=device, requires_grad=True)
+    logvar = torch.zeros(2, 3, device=device)
+    logvar[0, 1] = float("nan")
+    logvar.requires_grad_()
+    z, kl = F.reparameterize(mu, logvar)
+    assert torch.isnan(z[0, 1]) and torch.isnan(kl[0]) and torch.isfinite(kl[1])
+    assert torch.isnan(F.log_normal_diag(torch.zeros(2, 3, device=device), mu, logvar)[0])

@@ -82,8 +82,9 @@ def _bce_backward_op(grad_output: Tensor, grad: Tensor, logits: Tensor, target: 
     n_rows, scale = _bce_scale(logits, reduction)
     per_row = grad_output.view(-1, *([1] * (logits.dim() - 1))) if reduction == "per_sample" else grad_output
     grad_target = empty(logits)
-    if output_mask[1]:
-        grad_target = (logits * (per_row * -scale)).to(target.dtype)
+    if output_mask[1]:  # -logits: in the wider of the two dtypes, then the target's
+        wide = torch.promote_types(logits.dtype, target.dtype)
+        grad_target = (logits.to(wide) * (per_row.to(wide) * -scale)).to(target.dtype)
     if not output_mask[0]:
         return empty(grad), grad_target
 

@@ -35,18 +35,28 @@ def _seed_offset(generator: torch.Generator | None, device: torch.device) -> Ten
 
 
 def _reference_noise(mu: Tensor, samples: int, seed_offset: Tensor) -> Tensor:
+    """The reference path's eps: ``torch.randn`` from a generator seeded by (key, counter)."""
     shape = (samples, *mu.shape) if samples > 1 else mu.shape
-    generator = torch.Generator(device=mu.device).manual_seed(int(seed_offset[0]))
+    seed = hash(tuple(seed_offset.tolist())) & (2**63 - 1)  # ints hash to themselves: repeatable
+    generator = torch.Generator(device=mu.device).manual_seed(seed)
     return torch.randn(shape, generator=generator, device=mu.device, dtype=mu.dtype)
 
 
-def _noise(mu: Tensor, samples: int, seed_offset: Tensor) -> Tensor:
-    """The eps a call with this ``seed_offset`` used, on the backend in force (the fused forward
-    with mu = 0, logvar = 0 returns exactly its eps)."""
+def _fused_or_reference(fused: bool, triton_impl, reference_impl):
+    """A step of the backward on the forward's path. The two paths draw different noise, so the
+    backward of a fused forward has no reference fallback: a failure raises (after "auto" has
+    remembered it), never gradients for another eps."""
+    if fused:
+        return backend.guard("reparameterize", triton_impl)
+    return reference_impl()
+
+
+def _noise(mu: Tensor, samples: int, seed_offset: Tensor, fused: bool) -> Tensor:
+    """The eps a call with this ``seed_offset`` used on its path (the fused forward with mu = 0,
+    logvar = 0 returns exactly its eps)."""
     zeros = torch.zeros_like(mu)
-    return backend.dispatch(
-        "reparameterize", (mu, seed_offset),
-        lambda: _library.reparam.reparameterize_forward(zeros, zeros, samples, seed_offset)[0],
+    return _fused_or_reference(
+        fused, lambda: _library.reparam.reparameterize_forward(zeros, zeros, samples, seed_offset)[0],
         lambda: _reference_noise(mu, samples, seed_offset))
 
 
@@ -68,8 +78,9 @@ def _(mu, logvar, seed_offset, samples):
 
 @torch.library.custom_op("fastgen::reparameterize_backward", mutates_args=())
 def _reparam_backward_op(mu: Tensor, logvar: Tensor, grad_z: Tensor | None, grad_kl: Tensor | None,
-                         seed_offset: Tensor, samples: int) -> tuple[Tensor, Tensor]:
-    """(dmu, dlogvar), regenerating the forward's eps; a None gradient skips its term."""
+                         seed_offset: Tensor, samples: int, fused: bool) -> tuple[Tensor, Tensor]:
+    """(dmu, dlogvar), regenerating the forward's eps on the forward's path (``fused``); a None
+    gradient skips its term."""
     mu, logvar = mu.contiguous(), logvar.contiguous()
     grad_z = None if grad_z is None else grad_z.contiguous()
     grad_kl = None if grad_kl is None else grad_kl.contiguous()
@@ -78,14 +89,14 @@ def _reparam_backward_op(mu: Tensor, logvar: Tensor, grad_z: Tensor | None, grad
         eps = _reference_noise(mu, samples, seed_offset)
         return _reparam_vjp(mu, logvar, eps, grad_z, grad_kl)
 
-    return backend.dispatch(
-        "reparameterize", (mu, logvar, seed_offset),
+    return _fused_or_reference(
+        fused,
         lambda: _library.reparam.reparameterize_backward(mu, logvar, grad_z, grad_kl, samples, seed_offset),
         ref)
 
 
 @_reparam_backward_op.register_fake
-def _(mu, logvar, grad_z, grad_kl, seed_offset, samples):
+def _(mu, logvar, grad_z, grad_kl, seed_offset, samples, fused):
     return torch.empty_like(mu), torch.empty_like(mu)
 
 
@@ -113,6 +124,7 @@ def _reparam_vjp(mu: Tensor, logvar: Tensor, eps: Tensor, grad_z: Tensor | None,
 def _reparam_setup(ctx, inputs, output) -> None:
     record_backend(ctx)
     mu, logvar, seed_offset, ctx.samples = inputs
+    ctx.fused = backend.chooses_triton("reparameterize", (mu, logvar, seed_offset))
     ctx.save_for_backward(mu, logvar, seed_offset)
     # An unused output gets None, not zeros: the kernel then skips that term (and the RNG).
     ctx.set_materialize_grads(False)
@@ -123,20 +135,21 @@ def _reparam_backward(ctx, grad_z: Tensor | None, grad_kl: Tensor | None):
         return None, None, None, None
     mu, logvar, seed_offset = ctx.saved_tensors
     with forward_backend(ctx):
-        grad_mu, grad_logvar = _reparam_backward_op(mu, logvar, grad_z, grad_kl, seed_offset, ctx.samples)
+        grad_mu, grad_logvar = _reparam_backward_op(mu, logvar, grad_z, grad_kl, seed_offset,
+                                                    ctx.samples, ctx.fused)
     return grad_mu, grad_logvar, None, None
 
 
 def _reparam_backward_setup(ctx, inputs, output) -> None:
     record_backend(ctx)
-    mu, logvar, grad_z, grad_kl, seed_offset, ctx.samples = inputs
+    mu, logvar, grad_z, grad_kl, seed_offset, ctx.samples, ctx.fused = inputs
     ctx.save_for_backward(mu, logvar, grad_z, grad_kl, seed_offset)
 
 
 def _reparam_double_backward(ctx, gg_mu: Tensor, gg_logvar: Tensor):
     mu, logvar, grad_z, grad_kl, seed_offset = ctx.saved_tensors
     with forward_backend(ctx):
-        eps = _noise(mu, ctx.samples, seed_offset)
+        eps = _noise(mu, ctx.samples, seed_offset, ctx.fused)
     shapes = ((ctx.samples, *mu.shape) if ctx.samples > 1 else mu.shape, mu.shape[:1])
     grads = [torch.zeros(s, dtype=mu.dtype, device=mu.device) if g is None else g
              for g, s in zip((grad_z, grad_kl), shapes)]
@@ -144,7 +157,7 @@ def _reparam_double_backward(ctx, gg_mu: Tensor, gg_logvar: Tensor):
         lambda m, lv: reference.reparameterize_with_noise(m, lv, eps), (mu, logvar), grads,
         (gg_mu, gg_logvar), "reparameterize")
     return (d_mu, d_logvar, None if grad_z is None else d_grad_z,
-            None if grad_kl is None else d_grad_kl, None, None)
+            None if grad_kl is None else d_grad_kl, None, None, None)
 
 
 _reparam_op.register_autograd(_reparam_backward, setup_context=_reparam_setup)
