@@ -123,11 +123,17 @@ def test_dcgan_with_sync_bn_matches_one_process(tmp_path, image_dir):
                 torch.testing.assert_close(saved[name][key], value, rtol=RTOL, atol=ATOL)
 
 
-def test_a_killed_rank_makes_the_other_stop_with_a_message(tmp_path):
+HANG_TIMEOUT_S = 10
+
+
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_a_dead_or_hung_rank_makes_the_other_stop_with_a_message(tmp_path, stop):
     """Two processes of an env:// launch without torchrun (nothing else stops the survivor): kill
-    rank 1 mid-run; rank 0's collective fails and it exits non-zero, naming itself and its step."""
+    rank 1 mid-run, or freeze it (its connection stays open: only the collective timeout, here
+    FASTGEN_DIST_TIMEOUT_S, ends the wait); rank 0 exits non-zero, naming itself and its step."""
     run = tmp_path / "run"
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+           "FASTGEN_DIST_TIMEOUT_S": str(HANG_TIMEOUT_S)}
     command = [sys.executable, "-m", "fastgen", "train", *GAN2D, "--steps", "1000000", "--out-dir", str(run),
                *COMMON]
     ranks = [subprocess.Popen(command, env=_env(**env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
@@ -137,10 +143,10 @@ def test_a_killed_rank_makes_the_other_stop_with_a_message(tmp_path):
         while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
             assert time.monotonic() < deadline and all(p.poll() is None for p in ranks), "the run did not start"
             time.sleep(0.2)
-        ranks[1].send_signal(signal.SIGKILL)
-        killed = time.monotonic()
+        ranks[1].send_signal(stop)
+        stopped = time.monotonic()
         _, err = ranks[0].communicate(timeout=60)
-        waited = time.monotonic() - killed
+        waited = time.monotonic() - stopped
     finally:
         for process in ranks:
             process.kill()
@@ -148,6 +154,16 @@ def test_a_killed_rank_makes_the_other_stop_with_a_message(tmp_path):
     assert ranks[0].returncode not in (0, None)
     assert "fastgen train: rank 0 of 2 stopped at step" in err and "another process died" in err, err[-3000:]
     assert waited < 60
+    if stop == signal.SIGSTOP:
+        assert waited > HANG_TIMEOUT_S - 1, "it stopped before the timeout: not by the timeout"
+
+
+def test_bad_timeout_variable(monkeypatch):
+    monkeypatch.setenv("FASTGEN_DIST_TIMEOUT_S", "soon")
+    with pytest.raises(ValueError, match="FASTGEN_DIST_TIMEOUT_S: expected a positive number of seconds"):
+        distributed.timeout()
+    monkeypatch.setenv("FASTGEN_DIST_TIMEOUT_S", "2.5")
+    assert distributed.timeout().total_seconds() == 2.5
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,12 +22,14 @@ device ``cuda:LOCAL_RANK``), gloo on the CPU. What the trainer does with the gro
 * Rank 0 alone writes the run directory; every rank resumes from the same checkpoint.
 
 A rank that dies ends the others: torchrun stops the remaining workers, gloo's collectives fail as
-soon as a peer's connection closes, and any collective gives up after :data:`TIMEOUT`.
+soon as a peer's connection closes, and a collective that a hung rank never joins gives up after
+:data:`TIMEOUT` (the environment variable FASTGEN_DIST_TIMEOUT_S, in seconds, overrides it).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -39,7 +41,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["TIMEOUT", "Context", "setup", "shutdown", "rank_seed", "launched"]
+__all__ = ["TIMEOUT", "Context", "setup", "shutdown", "rank_seed", "launched", "timeout"]
 
 # No buffer broadcast before each forward (BN statistics: see above); torch 2.13 renamed the option.
 _NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
@@ -47,6 +49,24 @@ _NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
                    else {"broadcast_buffers": False})
 #: How long a collective waits for the other ranks before it fails (a rank that hangs or died).
 TIMEOUT = timedelta(minutes=10)
+
+
+def timeout() -> timedelta:
+    """:data:`TIMEOUT`, or FASTGEN_DIST_TIMEOUT_S seconds when set.
+
+    Raises:
+        ValueError: FASTGEN_DIST_TIMEOUT_S is not a positive number.
+    """
+    text = os.environ.get("FASTGEN_DIST_TIMEOUT_S")
+    if text is None:
+        return TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0 or math.isinf(seconds):
+        raise ValueError(f"FASTGEN_DIST_TIMEOUT_S: expected a positive number of seconds, got {text!r}")
+    return timedelta(seconds=seconds)
 
 
 def launched() -> bool:
@@ -120,7 +140,7 @@ def setup(device: torch.device) -> tuple[Context, torch.device]:
     Without a group or torchrun's variables this is one process: ``(Context(), device)``.
 
     Raises:
-        ValueError: LOCAL_RANK names a GPU this machine does not have.
+        ValueError: LOCAL_RANK names a GPU this machine does not have; a bad FASTGEN_DIST_TIMEOUT_S.
     """
     if not dist.is_available() or not (dist.is_initialized() or launched()):
         return Context(), device
@@ -133,7 +153,7 @@ def setup(device: torch.device) -> tuple[Context, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
-                                timeout=TIMEOUT)
+                                timeout=timeout())
     return Context(dist.get_rank(), dist.get_world_size(), dist.get_backend()), device
 
 
