@@ -98,8 +98,8 @@ def scaling_row(gpus: int | None = None, *, device: str = "cuda", model: tuple[s
             data_dir = str(Path(tmp) / "idx")
             Path(data_dir).mkdir()
             _random_idx(Path(data_dir))
-        speeds = [_images_per_s(n, device, model, per_gpu_batch, steps, data_dir, Path(tmp) / f"run{n}", extra, timeout_s)
-                  for n in world_sizes]
+        speeds = [_images_per_s(n, device, model, per_gpu_batch, steps, data_dir, Path(tmp) / f"run{n}", extra,
+                                timeout_s) for n in world_sizes]
     speedup = speeds[1] / speeds[0]
     return {"row": "ddp-scaling", "model": " ".join(model), "device": device,
             "device_name": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",

@@ -10,9 +10,11 @@ device ``cuda:LOCAL_RANK``), gloo on the CPU. What the trainer does with the gro
 * The modules of the trainer's passes are wrapped in :class:`DistributedDataParallel`, which
   averages gradients. Each rank's loss is a mean over its shard, and the shards are equal, so the
   average is the gradient of the global-mean loss: the update of one process on the whole batch.
-  Buffers are not broadcast before each forward (``broadcast_buffers=False``): with ``--sync-bn`` BatchNorm's batch
-  statistics, hence running statistics, are global and alike on every rank; without it each rank
-  normalizes by its shard's statistics and the checkpoint keeps rank 0's running statistics.
+  Buffers are not broadcast before each forward (``broadcast_buffers=False``): with ``--sync-bn``
+  BatchNorm's batch statistics, hence running statistics, are global and alike on every rank;
+  without it each rank normalizes by its shard's statistics and the checkpoint keeps rank 0's
+  running statistics. Under ``--compile`` DDP wraps the compiled modules (a compiled DDP module
+  breaks the graph at DDP's hooks, which fullgraph refuses).
 * Logged values are all-reduced to global means in one collective per update, which is also the
   NaN guard's vote: every rank sees the same numbers, so every rank stops at the same step.
 * Randomness: model initialization and the GAN latents come from a stream alike on every rank
