@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastgen.train.factory import IMAGE_MODELS
+
 __all__ = ["scaling_row", "markdown_line"]
 
 #: The DCGAN of the GPU report's training row: 64x64, width 64, latent 100.
@@ -50,14 +52,14 @@ def _random_idx(folder: Path) -> None:
 
 
 def _images_per_s(world_size: int, device: str, model: tuple[str, ...], per_gpu_batch: int, steps: int,
-                  data_dir: str, out_dir: Path, extra: tuple[str, ...], timeout_s: float) -> float:
+                  out_dir: Path, options: tuple[str, ...], timeout_s: float) -> float:
     """Rank 0's images/s over the second ``steps`` steps of a ``world_size``-process run of ``2 * steps``
     (the first window is the warm-up: compilation, autotuning)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world_size),
                "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "fastgen", "train",
                *model, "--batch-size", str(per_gpu_batch * world_size), "--steps", str(2 * steps),
                "--log-every", str(steps), "--sample-every", str(2 * steps), "--checkpoint-every", str(2 * steps),
-               "--device", device, "--data-dir", data_dir, "--out-dir", str(out_dir), "--no-progress", *extra]
+               "--device", device, "--out-dir", str(out_dir), "--no-progress", *options]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
     if done.returncode:
@@ -94,12 +96,13 @@ def scaling_row(gpus: int | None = None, *, device: str = "cuda", model: tuple[s
         raise ValueError(f"gpus: expected 2..{available} ({device}), got {gpus}")
     world_sizes = [1, gpus]
     with tempfile.TemporaryDirectory(prefix="fastgen-scaling-") as tmp:
-        if data_dir is None:
+        if model[0] in IMAGE_MODELS and data_dir is None:
             data_dir = str(Path(tmp) / "idx")
             Path(data_dir).mkdir()
             _random_idx(Path(data_dir))
-        speeds = [_images_per_s(n, device, model, per_gpu_batch, steps, data_dir, Path(tmp) / f"run{n}", extra,
-                                timeout_s) for n in world_sizes]
+        options = ("--data-dir", data_dir, *extra) if model[0] in IMAGE_MODELS else extra
+        speeds = [_images_per_s(n, device, model, per_gpu_batch, steps, Path(tmp) / f"run{n}", options, timeout_s)
+                  for n in world_sizes]
     speedup = speeds[1] / speeds[0]
     return {"row": "ddp-scaling", "model": " ".join(model), "device": device,
             "device_name": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
@@ -112,7 +115,7 @@ def markdown_line(row: dict[str, Any]) -> str:
     if "skipped" in row:
         return f"| {row['row']} | skipped: {row['skipped']} | | | |"
     (one, many), n = row["images_per_s"], row["world_sizes"][1]
-    return (f"| {row['row']} ({row['per_gpu_batch']}/GPU) | {one:.0f} images/s | {many:.0f} images/s on {n} "
+    return (f"| {row['row']} ({row["per_gpu_batch"]} per process) | {one:.0f} images/s | {many:.0f} images/s on {n} "
             f"| {row['speedup']:.2f}x | {100 * row['efficiency']:.0f}% |")
 
 
