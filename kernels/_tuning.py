@@ -72,11 +72,14 @@ class TileConfig:
                      operand_tiles: tuple[int, int] = (1, 1)) -> int:
         """Shared memory of the software pipeline's operand buffers: per stage, ``operand_tiles``
         m x k and k x n tiles of ``itemsize`` bytes (2 where an operand is computed from two
-        loaded tensors, as dL/dy from dL/dout and y). Triton keeps ``num_stages`` buffers on
-        sm_90 and later, ``num_stages - 1`` before; the epilogue reuses the same memory."""
+        loaded tensors, as dL/dy from dL/dout and y; the computed tile then passes through shared
+        memory once more on its way to the MMA). Triton keeps ``num_stages`` buffers on sm_90 and
+        later, ``num_stages - 1`` before; the epilogue reuses the same memory. Exact on sm_80 in
+        the compile report, an upper bound on sm_90a."""
         buffers = self.num_stages if capability >= (9, 0) else max(1, self.num_stages - 1)
         a_tiles, b_tiles = operand_tiles
-        return buffers * (a_tiles * self.m * self.k + b_tiles * self.k * self.n) * itemsize
+        a, b = self.m * self.k, self.k * self.n
+        return (buffers * (a_tiles * a + b_tiles * b) + (a_tiles - 1) * a + (b_tiles - 1) * b) * itemsize
 
     def fits(self, itemsize: int, capability: tuple[int, int],
              operand_tiles: tuple[int, int] = (1, 1)) -> bool:
