@@ -115,7 +115,7 @@ def markdown_line(row: dict[str, Any]) -> str:
     if "skipped" in row:
         return f"| {row['row']} | skipped: {row['skipped']} | | | |"
     (one, many), n = row["images_per_s"], row["world_sizes"][1]
-    return (f"| {row['row']} ({row["per_gpu_batch"]} per process) | {one:.0f} images/s | {many:.0f} images/s on {n} "
+    return (f"| {row['row']} ({row['per_gpu_batch']} per process) | {one:.0f} images/s | {many:.0f} images/s on {n} "
             f"| {row['speedup']:.2f}x | {100 * row['efficiency']:.0f}% |")
 
 
