@@ -254,6 +254,14 @@ def test_scaling_row_skips_below_two_gpus_and_checks_its_arguments():
         scaling_row(1, device="cpu")
 
 
+def test_scaling_markdown_line():
+    from benchmarks.scaling import markdown_line
+
+    row = {"row": "ddp-scaling", "per_gpu_batch": 64, "world_sizes": [1, 4], "images_per_s": [100.0, 350.0],
+           "speedup": 3.5, "efficiency": 0.875}
+    assert markdown_line(row) == "| ddp-scaling (64 per process) | 100 images/s | 350 images/s on 4 | 3.50x | 88% |"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs at least 2 CUDA GPUs")
 def test_gpu_scaling_row():
