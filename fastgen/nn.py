@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from fastgen import activations, functional as F
@@ -112,6 +113,25 @@ def _unsupported_conv(conv: nn.Conv2d | nn.ConvTranspose2d) -> str | None:
     return None
 
 
+def _bn_arguments(bn: nn.BatchNorm2d, sync_bn: bool, process_group) -> dict:
+    """The BN keywords of conv_bn_act / bn_act for a BatchNorm2d's state, as its own forward
+    would use them (momentum None: cumulative average; num_batches_tracked counted here), and
+    the process group of a synchronized layer in training (torch.nn.SyncBatchNorm's rule)."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    use_running = not bn.training or bn.track_running_stats
+    group = None
+    if sync_bn and bn.training and dist.is_available() and dist.is_initialized():
+        group = dist.group.WORLD if process_group is None else process_group
+    return dict(running_mean=bn.running_mean if use_running else None,
+                running_var=bn.running_var if use_running else None,
+                training=bn.training or bn.running_mean is None, momentum=momentum, eps=bn.eps,
+                process_group=group)
+
+
 class _ConvNormAct(nn.Sequential):
     """``nn.Sequential(conv, bn, act)`` (or ``(conv, act)`` without BN) run as one fused op.
 
@@ -119,9 +139,13 @@ class _ConvNormAct(nn.Sequential):
     "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked"), so checkpoints load
     either way. BN follows torch's BatchNorm2d: momentum None (cumulative average),
     track_running_stats False and num_batches_tracked all behave as there.
+    :func:`convert_sync_batchnorm` synchronizes the BN over a process group.
     """
 
     _conv_type: type[nn.Module] = nn.Conv2d
+    # Set by convert_sync_batchnorm: BN statistics over process_group (None: the default group).
+    sync_bn: bool = False
+    process_group = None
 
     def __init__(self, conv: nn.Module, bn: nn.BatchNorm2d | None, act: nn.Module | None) -> None:
         if not isinstance(conv, self._conv_type):
@@ -170,17 +194,8 @@ class _ConvNormAct(nn.Sequential):
         if not isinstance(self[1], nn.BatchNorm2d):
             return F.conv_bias_act(x, conv.weight, conv.bias, **geometry)
         bn = self[1]
-        momentum = 0.0 if bn.momentum is None else bn.momentum
-        if bn.training and bn.track_running_stats:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:
-                momentum = 1.0 / float(bn.num_batches_tracked)
-        use_running = not bn.training or bn.track_running_stats
-        return F.conv_bn_act(
-            x, conv.weight, bn.weight, bn.bias, bn.running_mean if use_running else None,
-            bn.running_var if use_running else None,
-            training=bn.training or bn.running_mean is None, momentum=momentum, eps=bn.eps,
-            **geometry)
+        return F.conv_bn_act(x, conv.weight, bn.weight, bn.bias,
+                             **_bn_arguments(bn, self.sync_bn, self.process_group), **geometry)
 
 
 class ConvBNAct(_ConvNormAct):
@@ -268,12 +283,19 @@ def fuse(module: nn.Module) -> nn.Module:
     Sequential change ("3.weight" -> "3.0.weight", ...): load checkpoints before fusing.
     Returns ``module``.
     """
+    return _fuse_runs(module, with_bn_only=False)
+
+
+def _fuse_runs(module: nn.Module, with_bn_only: bool) -> nn.Module:
+    """:func:`fuse`; ``with_bn_only``: only the runs that hold a BatchNorm2d."""
     for seq in [m for m in module.modules() if type(m) is nn.Sequential]:
         children = list(seq)
         fused: list[nn.Module] = []
         i = 0
         while i < len(children):
             run = _fusable_run(children, i)
+            if run and with_bn_only and type(children[i + 1]) is not nn.BatchNorm2d:
+                run = 0
             if run:
                 parts = children[i:i + run]
                 bn = parts[1] if run > 1 and type(parts[1]) is nn.BatchNorm2d else None
@@ -291,4 +313,114 @@ def fuse(module: nn.Module) -> nn.Module:
     return module
 
 
-__all__ += ["ConvBNAct", "ConvTransposeBNAct", "from_torch", "fuse"]
+class BNAct(nn.BatchNorm2d):
+    """BatchNorm2d -> activation, fused (:func:`fastgen.functional.bn_act`); a BatchNorm2d
+    itself, so its state_dict keys and its BN attributes (eps, momentum None, affine,
+    track_running_stats) are those of ``nn.BatchNorm2d``.
+
+    Args: as nn.BatchNorm2d, then ``activation`` ("identity" by default, "relu", "leaky_relu"
+    with ``negative_slope``, "tanh", "sigmoid"). Input and output ``(N, C, H, W)``.
+    """
+
+    sync_bn: bool = False
+    process_group = None
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, *,
+                 activation: str = "identity", negative_slope: float = 0.2, device=None,
+                 dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
+                         dtype=dtype)
+        activations.check_activation(activation)
+        self.activation, self.negative_slope = activation, negative_slope
+
+    @classmethod
+    def from_torch(cls, bn: nn.BatchNorm2d) -> BNAct:
+        """A BNAct (identity activation) over ``bn``'s very parameters and buffers, in its
+        training mode."""
+        if type(bn) is not nn.BatchNorm2d:
+            raise TypeError(f"bn: expected an nn.BatchNorm2d, got {type(bn).__name__}")
+        module = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                     device="meta")
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            setattr(module, name, getattr(bn, name))
+        return module.train(bn.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        return F.bn_act(x, self.weight, self.bias,
+                        **_bn_arguments(self, self.sync_bn, self.process_group),
+                        activation=self.activation, negative_slope=self.negative_slope)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group: object | None = None) -> nn.Module:
+    """Synchronize every BatchNorm of ``module`` over a ``torch.distributed`` process group,
+    through fastgen's fused statistics (``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` for
+    fastgen layers).
+
+    In training mode a synchronized BN normalizes with the mean and variance of the batches of
+    all ranks of the group together (each rank's per-channel (count, mean, M2) merged with
+    Chan's formula after one all_gather of 3 * C values), updates the running statistics from
+    them identically on every rank (unbiased variance with the global count), and its backward
+    takes the global means of the two per-channel gradient sums (one all_reduce of 2 * C + 1
+    values). So, with equal parameters, W ranks computing on their shards give the outputs and
+    input gradients of one process computing on the concatenated batch. The BN parameters'
+    gradients are each rank's own sums, as torch.nn.SyncBatchNorm returns them, for
+    DistributedDataParallel to average with the other parameters' gradients. Eval mode, and
+    training without an initialized process group or with a group of one rank, run exactly as
+    before conversion. Every rank of the group must run the same synchronized layers in the
+    same order. Second derivatives (gradient penalties) through a synchronized BN raise.
+
+    Conversion, in place (parameters and buffers are shared, never copied):
+
+    - fastgen's :class:`ConvBNAct` / :class:`ConvTransposeBNAct` with BN, and :class:`BNAct`,
+      are marked synchronized;
+    - a conv -> nn.BatchNorm2d (-> activation) run inside an nn.Sequential becomes one fused
+      layer, as :func:`fuse` does (that Sequential's state_dict keys change: "1.weight" ->
+      "0.1.weight"; load checkpoints before converting);
+    - any other nn.BatchNorm2d becomes a synchronized :class:`BNAct` (same state_dict keys).
+
+    Args:
+        module: the model (training or eval mode, on any device).
+        process_group: the group to synchronize over; None: the default (WORLD) group, looked up
+            at each forward, so the model may be converted before ``init_process_group``.
+
+    Returns:
+        ``module``, or a new :class:`BNAct` when ``module`` itself is an nn.BatchNorm2d.
+
+    Raises:
+        TypeError: ``module`` is not an nn.Module, ``process_group`` neither a ProcessGroup nor
+            None.
+        NotImplementedError: a BatchNorm other than nn.BatchNorm2d (BatchNorm1d/3d, a subclass)
+            that fastgen cannot fuse; torch.nn.SyncBatchNorm layers are left as they are.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module: expected an nn.Module, got {type(module).__name__}")
+    if process_group is not None and not (dist.is_available()
+                                          and isinstance(process_group, dist.ProcessGroup)):
+        raise TypeError(f"process_group: expected a torch.distributed ProcessGroup or None, got "
+                        f"{type(process_group).__name__}")
+    for name, bn in module.named_modules():
+        if (isinstance(bn, nn.modules.batchnorm._BatchNorm)
+                and type(bn) not in (nn.BatchNorm2d, BNAct, nn.SyncBatchNorm)):
+            raise NotImplementedError(f"module: {name or 'module'} is a {type(bn).__name__}; "
+                                      "fastgen synchronizes nn.BatchNorm2d only")
+    _fuse_runs(module, with_bn_only=True)
+    if type(module) is nn.BatchNorm2d:
+        module = BNAct.from_torch(module)
+    for parent in list(module.modules()):
+        for key, child in list(parent._modules.items()):
+            if type(child) is nn.BatchNorm2d and not isinstance(parent, _ConvNormAct):
+                parent._modules[key] = BNAct.from_torch(child)
+    for layer in module.modules():
+        if isinstance(layer, BNAct) or (isinstance(layer, _ConvNormAct)
+                                        and isinstance(layer[1], nn.BatchNorm2d)):
+            layer.sync_bn, layer.process_group = True, process_group
+    return module
+
+
+__all__ += ["ConvBNAct", "ConvTransposeBNAct", "from_torch", "fuse", "BNAct",
+            "convert_sync_batchnorm"]

@@ -4,7 +4,7 @@ namespace ``fastgen`` (``torch.ops.fastgen.*``):
 - :mod:`fastgen.ops.losses`: ``bce_with_logits``, ``gan_loss`` (the D and G losses);
 - :mod:`fastgen.ops.reparam`: ``reparameterize``, ``log_normal_diag``;
 - :mod:`fastgen.ops.conv`: ``conv_bn_act``, ``conv_bias_act``, ``bn_act``,
-  ``update_running_stats``;
+  ``update_running_stats`` (BN synchronized across ranks through :mod:`fastgen.ops.sync_bn`);
 
 each forward op with its ``*_backward`` op. A module holds the argument checks of its public
 functions (shared checks in :mod:`fastgen.ops._checks`), the ops with their fake (meta)

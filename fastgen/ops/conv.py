@@ -27,7 +27,7 @@ from torch import Tensor
 
 from fastgen import activations, backend, reference
 from fastgen.kernels._tuning import Tuner, batch_bucket
-from fastgen.ops import _checks, _library
+from fastgen.ops import _checks, _library, sync_bn
 from fastgen.ops._library import (empty, forward_backend, none_if_empty, record_backend,
                                   reference_double_backward)
 
@@ -51,6 +51,7 @@ class _Spec(NamedTuple):
     eps: float
     activation: str
     negative_slope: float
+    group: str = ""  # process group name of a synchronized BN ("": none; fastgen.ops.sync_bn)
 
     @property
     def act_code(self) -> int:
@@ -62,9 +63,9 @@ class _Spec(NamedTuple):
 
 
 def _spec(stride, padding, output_padding, transposed, mode, momentum, eps, activation,
-          negative_slope) -> _Spec:
+          negative_slope, group: str = "") -> _Spec:
     return _Spec(tuple(stride), tuple(padding), tuple(output_padding), transposed, mode,
-                 momentum, eps, activation, negative_slope)
+                 momentum, eps, activation, negative_slope, group)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -137,12 +138,20 @@ def _folded_coef(spec: _Spec, gamma: Tensor | None, beta: Tensor | None,
     return torch.stack([zscale, shift - mean * zscale, mean, rstd])
 
 
-def _batch_coef(y: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float) -> Tensor:
-    """coef from y's batch statistics, in torch (the reference path)."""
+def _batch_coef(y: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float,
+                group: str = "") -> tuple[Tensor, Tensor | int, Tensor]:
+    """coef from y's batch statistics, in torch (the reference path), with the count and biased
+    variance they come from; with a process group, those of every rank's batch together."""
     var, mean = torch.var_mean(y.to(_acc(y.dtype)), dim=(0, 2, 3), unbiased=False)
+    count = y.numel() // y.shape[1]
+    if group:
+        local = torch.stack([torch.full_like(mean, count), mean, var * count])
+        count, mean, m2 = sync_bn.merge_stats(sync_bn.all_gather_stats(local, group))
+        var = m2 / count
     rstd = torch.rsqrt(var + eps)
     zscale = _affine(gamma, 1.0, y.shape[1], y) * rstd
-    return torch.stack([zscale, _affine(beta, 0.0, y.shape[1], y) - mean * zscale, mean, rstd])
+    coef = torch.stack([zscale, _affine(beta, 0.0, y.shape[1], y) - mean * zscale, mean, rstd])
+    return coef, count, var
 
 
 def _bn_act_reference(y: Tensor, coef: Tensor, gamma: Tensor | None, beta: Tensor | None,
@@ -196,9 +205,12 @@ def _forward_triton(implementation: str, x: Tensor, weight: Tensor, gamma: Tenso
 def _apply_batch_stats(y: Tensor, part: Tensor, gamma: Tensor | None, beta: Tensor | None,
                        running_mean: Tensor | None, running_var: Tensor | None, spec: _Spec,
                        channels_last: bool):
-    """Training BN on an NHWC y from its per-tile partial statistics: combine, then apply."""
+    """Training BN on an NHWC y from its per-tile partial statistics: combine, then apply. A
+    synchronized BN combines the ranks' statistics instead, each its tiles merged: (3, W, C)."""
     kernels = _library.conv_bn_act
     channels = y.shape[3]
+    if spec.group:
+        part = sync_bn.all_gather_stats(sync_bn.merge_stats(part), spec.group)
     stats = kernels.bn_combine_stats(part, _affine(gamma, 1.0, channels, y),
                                      _affine(beta, 0.0, channels, y), running_mean, running_var,
                                      spec.momentum, spec.eps)
@@ -213,14 +225,20 @@ def _forward_reference(x: Tensor, weight: Tensor | None, gamma: Tensor | None, b
     y = x if weight is None else _conv_torch(x, weight, spec)
     channels = y.shape[1]
     if spec.mode == "train":
-        coef = _batch_coef(y, gamma, beta, spec.eps)
+        coef, count, var = _batch_coef(y, gamma, beta, spec.eps, spec.group)
         running = None
         if running_mean is not None:  # torch's batch_norm updates them in place: on copies
             running = torch.stack([running_mean.to(coef.dtype), running_var.to(coef.dtype)])
-        out = reference.bn_act(y, gamma, beta, None if running is None else running[0],
-                               None if running is None else running[1], training=True,
-                               momentum=spec.momentum, eps=spec.eps, activation=spec.activation,
-                               negative_slope=spec.negative_slope)
+        if spec.group:  # global statistics: torch's update rule, applied to them here
+            if running is not None:
+                new = torch.stack([coef[2], var * count / (count - 1)])
+                running = (1.0 - spec.momentum) * running + spec.momentum * new
+            out = _bn_act_reference(y, coef, gamma, beta, spec._replace(mode="eval"))
+        else:
+            out = reference.bn_act(y, gamma, beta, None if running is None else running[0],
+                                   None if running is None else running[1], training=True,
+                                   momentum=spec.momentum, eps=spec.eps,
+                                   activation=spec.activation, negative_slope=spec.negative_slope)
     else:
         coef = _folded_coef(spec, gamma, beta, running_mean, running_var, channels, y)
         out = _bn_act_reference(y, coef, gamma, beta, spec)
@@ -230,18 +248,21 @@ def _forward_reference(x: Tensor, weight: Tensor | None, gamma: Tensor | None, b
 
 def _conv_key(x: Tensor, weight: Tensor, spec: _Spec) -> tuple:
     # momentum and eps change no cost (and momentum=None changes every step): not in the key. A
-    # smaller last batch takes its bucket's choice, as the tile tuners' keys do.
+    # smaller last batch takes its bucket's choice, as the tile tuners' keys do. A synchronized
+    # BN runs the same kernels.
     return ((batch_bucket(x.shape[0]), *x.shape[1:]), tuple(weight.shape), x.dtype,
-            _channels_last_out(x), spec._replace(momentum=0.0, eps=0.0),
+            _channels_last_out(x), spec._replace(momentum=0.0, eps=0.0, group=""),
             torch.backends.cudnn.allow_tf32)
 
 
 def _implementation(x: Tensor, weight: Tensor, gamma: Tensor | None, beta: Tensor | None,
                     running_mean: Tensor | None, running_var: Tensor | None, spec: _Spec) -> str:
     """The conv implementation for this shape: timed once per key on CUDA, forward and backward
-    with every gradient, on the very inputs (the trial writes no buffer)."""
+    with every gradient, on the very inputs (the trial writes no buffer). A synchronized BN's
+    trial runs unsynchronized: no rank waits in a collective on another's timing."""
     if x.device.type != "cuda":
         return CONV_IMPLEMENTATION_TUNER.interpreter
+    spec = spec._replace(group="")
 
     def trial(implementation: str) -> None:
         stats = (running_mean, running_var) if spec.mode == "eval" else (None, None)
@@ -251,12 +272,29 @@ def _implementation(x: Tensor, weight: Tensor, gamma: Tensor | None, beta: Tenso
     return CONV_IMPLEMENTATION_TUNER.choose(_conv_key(x, weight, spec), x.device, lambda c: c, trial)
 
 
+def _grad_coef(dout: Tensor, y: Tensor, coef: Tensor, spec: _Spec,
+               mask: tuple[bool, ...]) -> Tensor:
+    """bn_act_grad_coef (NHWC dout, y). A synchronized BN's dL/dy, when asked for (dx or dw),
+    takes the global means of dz and dz * xhat (rows dbeta / n, dgamma / n); dgamma and dbeta
+    stay the local sums."""
+    kernels = _library.conv_bn_act
+    grad_coef = kernels.bn_act_grad_coef(dout, y, coef, spec.activation, spec.negative_slope,
+                                         training=spec.mode == "train")
+    if spec.group and (mask[0] or mask[1]):
+        dbeta, dgamma, count = sync_bn.all_reduce_grad_sums(
+            grad_coef[kernels.DBETA.value], grad_coef[kernels.DGAMMA.value],
+            dout.numel() // dout.shape[-1], spec.group)
+        grad_coef = grad_coef.clone()
+        grad_coef[kernels.DBETA_MEAN.value] = dbeta / count
+        grad_coef[kernels.DGAMMA_MEAN.value] = dgamma / count
+    return grad_coef
+
+
 def _backward_triton(implementation: str, grad_out: Tensor, x: Tensor, weight: Tensor, y: Tensor,
                      coef: Tensor, spec: _Spec, mask: tuple[bool, ...]):
     kernels = _library.conv_bn_act
     dout = _nhwc(grad_out.to(y.dtype))
-    grad_coef = kernels.bn_act_grad_coef(dout, y, coef, spec.activation, spec.negative_slope,
-                                         training=spec.mode == "train")
+    grad_coef = _grad_coef(dout, y, coef, spec, mask)
     dx = dw = None
     act = (spec.activation, spec.negative_slope)
     if implementation == "fused":
@@ -290,6 +328,8 @@ def _backward_reference(grad_out: Tensor, x: Tensor, weight: Tensor | None, y: T
         dz = dout * act'(z),  dbeta = sum dz,  dgamma = sum dz * xhat,  xhat = (y - mean) * rstd,
         dy = zscale * dz                                  (eval, bias: constant statistics)
         dy = zscale * (dz - mean(dz) - xhat * mean(dz * xhat))   (train: batch statistics)
+
+    A synchronized BN takes those two means over every rank (when dx or dw is asked for).
     """
     acc = coef.dtype
     y = y.to(acc)
@@ -304,8 +344,10 @@ def _backward_reference(grad_out: Tensor, x: Tensor, weight: Tensor | None, y: T
         xhat = (y - mean) * rstd
         dgamma = (dz * xhat).sum(rows)
         if spec.mode == "train":
-            count = dz.numel() // dz.shape[-1]
-            dz = dz - (dbeta + xhat * dgamma) / count
+            sums = (dbeta, dgamma, dz.numel() // dz.shape[-1])
+            if spec.group and (mask[0] or mask[1]):
+                sums = sync_bn.all_reduce_grad_sums(*sums, spec.group)
+            dz = dz - (sums[0] + xhat * sums[1]) / sums[2]
         dy = dz * zscale
     dy = _nchw_view(dy.to(x.dtype))
     if weight is None:
@@ -385,17 +427,19 @@ def _conv_bn_act_op(x: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias
                     running_mean: Tensor | None, running_var: Tensor | None, stride: list[int],
                     padding: list[int], output_padding: list[int], transposed: bool,
                     training: bool, momentum: float, eps: float, activation: str,
-                    negative_slope: float, save_pre: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                    negative_slope: float, save_pre: bool, process_group: str = ""
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, y, coef, new running statistics): y is empty in eval without ``save_pre``, the
-    running statistics when not training or without buffers. Buffers are not written."""
+    running statistics when not training or without buffers. Buffers are not written.
+    ``process_group``: the group name of a synchronized BN ("": none; :mod:`fastgen.ops.sync_bn`)."""
     spec = _spec(stride, padding, output_padding, transposed, "train" if training else "eval",
-                 momentum, eps, activation, negative_slope)
+                 momentum, eps, activation, negative_slope, process_group)
     return _conv_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, spec, save_pre)
 
 
 @_conv_bn_act_op.register_fake
 def _(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, output_padding,
-      transposed, training, momentum, eps, activation, negative_slope, save_pre):
+      transposed, training, momentum, eps, activation, negative_slope, save_pre, process_group=""):
     spec = _spec(stride, padding, output_padding, transposed, "train" if training else "eval",
                  momentum, eps, activation, negative_slope)
     return _conv_forward_fake(x, weight, running_mean, spec, save_pre)
@@ -425,11 +469,12 @@ def _conv_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, y: Tensor, co
                       bn_weight: Tensor | None, bn_bias: Tensor | None, stride: list[int],
                       padding: list[int], output_padding: list[int], transposed: bool, mode: str,
                       eps: float, activation: str, negative_slope: float,
-                      output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                      output_mask: list[bool], process_group: str = ""
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw, dgamma, dbeta) of conv_bn_act ("train" / "eval") or conv_bias_act ("bias":
     bn_bias is the conv bias, dbeta its gradient); empty where ``output_mask`` is False."""
     spec = _spec(stride, padding, output_padding, transposed, mode, 0.0, eps, activation,
-                 negative_slope)
+                 negative_slope, process_group)
     mask = tuple(output_mask)
 
     def triton_path():
@@ -445,7 +490,7 @@ def _conv_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, y: Tensor, co
 
 @_conv_backward_op.register_fake
 def _(grad_out, x, weight, y, coef, bn_weight, bn_bias, stride, padding, output_padding, transposed,
-      mode, eps, activation, negative_slope, output_mask):
+      mode, eps, activation, negative_slope, output_mask, process_group=""):
     return _backward_fake(x, weight, bn_weight, bn_bias, output_mask)
 
 
@@ -453,13 +498,14 @@ def _conv_setup(ctx, inputs, output, mode: str) -> None:
     record_backend(ctx)
     if mode == "bias":
         x, weight, bias, stride, padding, output_padding, transposed, activation, slope, _ = inputs
-        gamma, beta, eps = None, bias, 0.0
+        gamma, beta, eps, group = None, bias, 0.0, ""
     else:
         (x, weight, gamma, beta, _, _, stride, padding, output_padding, transposed, training, _,
-         eps, activation, slope, _) = inputs
+         eps, activation, slope, _, group) = inputs
         mode = "train" if training else "eval"
     ctx.mark_non_differentiable(*output[1:])
     ctx.args = (stride, padding, output_padding, transposed, mode, eps, activation, slope)
+    ctx.group = group
     ctx.save_for_backward(x, weight, output[1], output[2], gamma, beta)
 
 
@@ -472,27 +518,35 @@ def _conv_backward(ctx, grad_out: Tensor, *_):
     else:
         mask = [needs[0], needs[1], needs[2], needs[3]]
     with forward_backend(ctx):
-        grads = _conv_backward_op(grad_out, x, weight, y, coef, gamma, beta, *ctx.args, mask)
+        grads = _conv_backward_op(grad_out, x, weight, y, coef, gamma, beta, *ctx.args, mask,
+                                  ctx.group)
     dx, dw, dgamma, dbeta = (none_if_empty(g) for g in grads)
     if mode == "bias":
         return dx, dw, dbeta, None, None, None, None, None, None, None
-    return dx, dw, dgamma, dbeta, *([None] * 12)
+    return dx, dw, dgamma, dbeta, *([None] * 13)
+
+
+def _no_sync_double_backward(spec: _Spec, op: str) -> None:
+    if spec.group:  # the reference's second derivatives hold the local batch's statistics
+        raise NotImplementedError(f"fastgen.{op}: second derivatives through a synchronized "
+                                  "BatchNorm are not supported")
 
 
 def _conv_backward_setup(ctx, inputs, output) -> None:
-    grad_out, x, weight, y, coef, gamma, beta, *args, _ = inputs
-    ctx.spec = _spec(*args[:4], args[4], 0.0, *args[5:])
+    grad_out, x, weight, y, coef, gamma, beta, *args, _, group = inputs
+    ctx.spec = _spec(*args[:4], args[4], 0.0, *args[5:], group)
     ctx.save_for_backward(grad_out, x, weight, coef, gamma, beta)
 
 
 def _conv_double_backward(ctx, gg_x: Tensor, gg_w: Tensor, gg_gamma: Tensor, gg_beta: Tensor):
     grad_out, x, weight, coef, gamma, beta = ctx.saved_tensors
     spec = ctx.spec
+    _no_sync_double_backward(spec, "conv_bn_act")
     d_x, d_w, d_gamma, d_beta, d_grad_out = reference_double_backward(
         lambda x_, w_, g_, b_: _bn_act_reference(_conv_torch(x_, w_, spec), coef, g_, b_, spec),
         (x, weight, gamma, beta), (grad_out,),
         tuple(none_if_empty(g) for g in (gg_x, gg_w, gg_gamma, gg_beta)), "conv_bn_act")
-    return d_grad_out, d_x, d_w, None, None, d_gamma, d_beta, *([None] * 9)
+    return d_grad_out, d_x, d_w, None, None, d_gamma, d_beta, *([None] * 10)
 
 
 _conv_bn_act_op.register_autograd(
@@ -505,10 +559,11 @@ _conv_backward_op.register_autograd(_conv_double_backward, setup_context=_conv_b
 @torch.library.custom_op("fastgen::bn_act", mutates_args=())
 def _bn_act_op(x: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
                running_mean: Tensor | None, running_var: Tensor | None, training: bool,
-               momentum: float, eps: float, activation: str, negative_slope: float
-               ) -> tuple[Tensor, Tensor, Tensor]:
-    """(out, coef, new running statistics or empty) of BN + activation (buffers not written)."""
-    spec = _bn_spec(training, momentum, eps, activation, negative_slope)
+               momentum: float, eps: float, activation: str, negative_slope: float,
+               process_group: str = "") -> tuple[Tensor, Tensor, Tensor]:
+    """(out, coef, new running statistics or empty) of BN + activation (buffers not written);
+    ``process_group`` as for conv_bn_act."""
+    spec = _bn_spec(training, momentum, eps, activation, negative_slope, process_group)
 
     def triton_path():
         x_nhwc = _nhwc(x)
@@ -526,14 +581,14 @@ def _bn_act_op(x: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
 
 
 def _bn_spec(training: bool, momentum: float, eps: float, activation: str,
-             negative_slope: float) -> _Spec:
+             negative_slope: float, group: str = "") -> _Spec:
     return _Spec((1, 1), (0, 0), (0, 0), False, "train" if training else "eval", momentum, eps,
-                 activation, negative_slope)
+                 activation, negative_slope, group)
 
 
 @_bn_act_op.register_fake
 def _(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, activation,
-      negative_slope):
+      negative_slope, process_group=""):
     acc = _acc(x.dtype)
     channels = x.shape[1]
     running = (x.new_empty((2, channels), dtype=acc) if training and running_mean is not None
@@ -545,17 +600,16 @@ def _(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
 @torch.library.custom_op("fastgen::bn_act_backward", mutates_args=())
 def _bn_act_backward_op(grad_out: Tensor, x: Tensor, coef: Tensor, bn_weight: Tensor | None,
                         bn_bias: Tensor | None, training: bool, eps: float, activation: str,
-                        negative_slope: float, output_mask: list[bool]
+                        negative_slope: float, output_mask: list[bool], process_group: str = ""
                         ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dgamma, dbeta) of bn_act; empty where ``output_mask`` is False."""
-    spec = _bn_spec(training, 0.0, eps, activation, negative_slope)
+    spec = _bn_spec(training, 0.0, eps, activation, negative_slope, process_group)
     mask = (output_mask[0], False, *output_mask[1:])
 
     def triton_path():
         kernels = _library.conv_bn_act
         dout, x_nhwc = _nhwc(grad_out.to(x.dtype)), _nhwc(x)
-        grad_coef = kernels.bn_act_grad_coef(dout, x_nhwc, coef, activation, negative_slope,
-                                             training=training)
+        grad_coef = _grad_coef(dout, x_nhwc, coef, spec, mask)
         dx = None
         if mask[0]:
             dx = _nchw_view(kernels.bn_act_input_grad(dout, x_nhwc, grad_coef, activation, negative_slope))
@@ -569,7 +623,8 @@ def _bn_act_backward_op(grad_out: Tensor, x: Tensor, coef: Tensor, bn_weight: Te
 
 
 @_bn_act_backward_op.register_fake
-def _(grad_out, x, coef, bn_weight, bn_bias, training, eps, activation, negative_slope, output_mask):
+def _(grad_out, x, coef, bn_weight, bn_bias, training, eps, activation, negative_slope, output_mask,
+      process_group=""):
     dx, _, dgamma, dbeta = _backward_fake(x, None, bn_weight, bn_bias,
                                           [output_mask[0], False, *output_mask[1:]])
     return dx, dgamma, dbeta
@@ -577,9 +632,10 @@ def _(grad_out, x, coef, bn_weight, bn_bias, training, eps, activation, negative
 
 def _bn_act_setup(ctx, inputs, output) -> None:
     record_backend(ctx)
-    x, gamma, beta, _, _, training, _, eps, activation, slope = inputs
+    x, gamma, beta, _, _, training, _, eps, activation, slope, group = inputs
     ctx.mark_non_differentiable(*output[1:])
     ctx.args = (training, eps, activation, slope)
+    ctx.group = group
     ctx.save_for_backward(x, output[1], gamma, beta)
 
 
@@ -587,22 +643,23 @@ def _bn_act_backward(ctx, grad_out: Tensor, *_):
     x, coef, gamma, beta = ctx.saved_tensors
     with forward_backend(ctx):
         grads = _bn_act_backward_op(grad_out, x, coef, gamma, beta, *ctx.args,
-                                    list(ctx.needs_input_grad[:3]))
-    return (*(none_if_empty(g) for g in grads), *([None] * 7))
+                                    list(ctx.needs_input_grad[:3]), ctx.group)
+    return (*(none_if_empty(g) for g in grads), *([None] * 8))
 
 
 def _bn_act_backward_setup(ctx, inputs, output) -> None:
-    grad_out, x, coef, gamma, beta, training, eps, activation, slope, _ = inputs
-    ctx.spec = _bn_spec(training, 0.0, eps, activation, slope)
+    grad_out, x, coef, gamma, beta, training, eps, activation, slope, _, group = inputs
+    ctx.spec = _bn_spec(training, 0.0, eps, activation, slope, group)
     ctx.save_for_backward(grad_out, x, coef, gamma, beta)
 
 
 def _bn_act_double_backward(ctx, gg_x: Tensor, gg_gamma: Tensor, gg_beta: Tensor):
     grad_out, x, coef, gamma, beta = ctx.saved_tensors
+    _no_sync_double_backward(ctx.spec, "bn_act")
     d_x, d_gamma, d_beta, d_grad_out = reference_double_backward(
         lambda x_, g_, b_: _bn_act_reference(x_, coef, g_, b_, ctx.spec), (x, gamma, beta),
         (grad_out,), tuple(none_if_empty(g) for g in (gg_x, gg_gamma, gg_beta)), "bn_act")
-    return d_grad_out, d_x, None, d_gamma, d_beta, None, None, None, None, None
+    return d_grad_out, d_x, None, d_gamma, d_beta, *([None] * 6)
 
 
 _bn_act_op.register_autograd(_bn_act_backward, setup_context=_bn_act_setup)
@@ -694,6 +751,13 @@ def _autocast_conv_inputs(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     return x, weight
 
 
+def _sync_group(process_group: object | None, training: bool) -> str:
+    """The ops' process_group argument: a group name in training only (eval BN uses running
+    statistics, nothing to synchronize)."""
+    name = sync_bn.group_name(process_group)
+    return name if training else ""
+
+
 def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -703,7 +767,8 @@ def conv_bn_act(x: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias: Te
                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
                 output_padding: int | tuple[int, int] = 0, transposed: bool = False,
                 training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
-                activation: str = "relu", negative_slope: float = 0.2) -> Tensor:
+                activation: str = "relu", negative_slope: float = 0.2,
+                process_group: object | None = None) -> Tensor:
     """Conv2d (or ConvTranspose2d), no bias, then BatchNorm2d, then an activation, fused
     (``torch.ops.fastgen.conv_bn_act``).
 
@@ -726,6 +791,10 @@ def conv_bn_act(x: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias: Te
             and smaller than stride.
         training: batch statistics (and running-stat update) or running statistics.
         activation: "identity", "relu", "leaky_relu" (``negative_slope``), "tanh" or "sigmoid".
+        process_group: a ``torch.distributed`` ProcessGroup: in training, the batch statistics
+            (and the running-statistics update) are those of every rank's batch together, and
+            dL/dx uses their global means (:mod:`fastgen.ops.sync_bn`); every rank of the group
+            must call. None, or a group of one rank: this rank's batch alone.
 
     Returns:
         ``(N, C_out, H_out, W_out)`` in x's dtype and memory format (channels_last in,
@@ -739,7 +808,7 @@ def conv_bn_act(x: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias: Te
     out, _, _, running = _conv_bn_act_op(
         x, weight, bn_weight, bn_bias, running_mean, running_var, *geometry, transposed, training,
         float(momentum), float(eps), activation, float(negative_slope),
-        _needs_grad(x, weight, bn_weight, bn_bias))
+        _needs_grad(x, weight, bn_weight, bn_bias), _sync_group(process_group, training))
     _store_running(running_mean, running_var, running)
     return out
 
@@ -771,13 +840,14 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor | None, *,
 def bn_act(x: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
            running_mean: Tensor | None, running_var: Tensor | None, *, training: bool = True,
            momentum: float = 0.1, eps: float = 1e-5, activation: str = "relu",
-           negative_slope: float = 0.2) -> Tensor:
+           negative_slope: float = 0.2, process_group: object | None = None) -> Tensor:
     """BatchNorm2d + activation (conv_bn_act without the conv; ``torch.ops.fastgen.bn_act``):
     statistics, combine and apply passes in training, one pass in eval; running statistics
     updated in place as torch does. Differentiable twice.
 
     Args:
-        x: ``(N, C, H, W)``, floating, any memory format. Other arguments as :func:`conv_bn_act`.
+        x: ``(N, C, H, W)``, floating, any memory format. Other arguments (``process_group``:
+            synchronized BN) as :func:`conv_bn_act`.
 
     Returns:
         ``(N, C, H, W)`` in x's dtype.
@@ -787,6 +857,7 @@ def bn_act(x: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
               momentum, eps)
     activations.check_activation(activation)
     out, _, running = _bn_act_op(x, bn_weight, bn_bias, running_mean, running_var, training,
-                                 float(momentum), float(eps), activation, float(negative_slope))
+                                 float(momentum), float(eps), activation, float(negative_slope),
+                                 _sync_group(process_group, training))
     _store_running(running_mean, running_var, running)
     return out
