@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-import fastgen.nn
 from fastgen.data import BatchSampler, write_idx
 from fastgen.train import TrainConfig, Trainer, load_checkpoint
 from fastgen.train import distributed
@@ -109,8 +108,6 @@ def test_gan2d_matches_one_process_writes_one_run_and_resumes(tmp_path):
     assert not torch.equal(state["rank_rng"][0]["torch_cpu"], state["rank_rng"][1]["torch_cpu"])
 
 
-@pytest.mark.skipif(not hasattr(fastgen.nn, "convert_sync_batchnorm"),
-                    reason="fastgen.nn.convert_sync_batchnorm has not landed yet")
 def test_dcgan_with_sync_bn_matches_one_process(tmp_path, image_dir):
     """BN statistics over the global batch make the run the one-process run, to fp32 tolerance."""
     run = tmp_path / "ddp"

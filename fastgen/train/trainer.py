@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from fastgen.backend import use_backend
 from fastgen.data import BatchSampler
 from fastgen.models.losses import GANObjective, gradient_penalty, r1_penalty
+from fastgen.nn import convert_sync_batchnorm
 from fastgen.profile import phase
 from fastgen.train.checkpoint import (CheckpointError, atomic_write_bytes, capture_rng_state, load_checkpoint,
                                       restore_rng_state, save_checkpoint)
@@ -228,14 +229,11 @@ class Trainer:
 
     def _synchronize_batch_norm(self) -> None:
         """``--sync-bn``: BatchNorm statistics over the whole global batch (fastgen.nn's fused
-        layers merge them across ranks); the EMA copy only runs in eval mode and stays as it is."""
-        from fastgen import nn as fastgen_nn  # the trainer builds on fastgen.nn's public API
-
-        if not hasattr(fastgen_nn, "convert_sync_batchnorm"):
-            raise ValueError("sync_bn: this fastgen has no fastgen.nn.convert_sync_batchnorm")
+        layers merge them across ranks; without a process group they are unchanged); the EMA
+        copy only runs in eval mode and stays as it is."""
         for name in ("generator", "discriminator", "model"):
             if name in self.models:
-                self.models[name] = fastgen_nn.convert_sync_batchnorm(self.models[name])
+                self.models[name] = convert_sync_batchnorm(self.models[name])
 
     @property
     def checkpoint_file(self) -> Path:
