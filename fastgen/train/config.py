@@ -25,7 +25,7 @@ ARCHS = ("mlp", "conv")
 LIKELIHOODS = ("bernoulli", "gaussian")
 
 _RUN = dict(seed=0, device="auto", backend="auto", amp=True, compile=False, cuda_graphs=False, sync_bn=False,
-            log_every=50, out_dir=None)
+            log_every=50, eval_every=0, out_dir=None)
 # The main job: DCGAN on Fashion-MNIST 32x32, sized to finish in minutes on a 2-core CPU.
 _GAN = dict(_RUN, data_dir=None, image_size=32, steps=2500, batch_size=64, width=32, latent_size=100,
             loss="non_saturating", label_smoothing=0.0, n_critic=1, gp_weight=10.0, r1_gamma=0.0,
@@ -52,7 +52,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 RECORDED = ("world_size", "dist_backend")
 #: Options a resumed run may change; the rest would make the continuation a different run.
 RESUME_OPTIONS = ("steps", "device", "backend", "compile", "cuda_graphs", "log_every", "sample_every",
-                  "checkpoint_every")
+                  "checkpoint_every", "eval_every")
 
 
 @dataclass
@@ -75,6 +75,7 @@ class TrainConfig:
     steps: int | None = None
     batch_size: int | None = None
     log_every: int | None = None
+    eval_every: int | None = None  # 0: off (None: a run from before the option)
     sample_every: int | None = None
     checkpoint_every: int | None = None
     # data
@@ -157,6 +158,9 @@ class TrainConfig:
         for name in ("compile", "cuda_graphs", "sync_bn"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
+        if self.eval_every is not None and (not isinstance(self.eval_every, int) or isinstance(self.eval_every, bool)
+                                            or self.eval_every < 0):
+            raise ValueError(f"eval_every: expected a non-negative integer (0: off), got {self.eval_every!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed: expected a non-negative int, got {self.seed!r}")
         for name in ("lr", "lr_g", "lr_d", "beta"):

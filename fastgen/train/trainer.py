@@ -3,7 +3,10 @@
 A run lives in its directory::
 
     config.json      the resolved TrainConfig
-    metrics.jsonl    one JSON object per logged step: step, losses, D(x), D(G(z)), images_per_s
+    metrics.jsonl    one JSON object per logged step: step, losses, D(x), D(G(z)), images_per_s;
+                     with eval_every, also {"step", "eval": the record of `fastgen eval`}
+    losses.png       the training records over steps (and eval.png, the evaluations), redrawn
+                     with the sample pictures (fastgen.train.plots)
     samples/         step_XXXXXX.png every sample_every steps and at the end
     checkpoint.pt    the latest checkpoint (atomic; see fastgen.train.checkpoint)
 
@@ -44,7 +47,9 @@ from fastgen.train.checkpoint import (CheckpointError, atomic_write_bytes, captu
 from fastgen.train import distributed
 from fastgen.train.config import RESUME_OPTIONS, TrainConfig
 from fastgen.train.factory import GAN_MODELS, build_models, load_dataset, resolve_device
-from fastgen.train.inference import CHECKPOINT_FILE, checkpoint_path, save_sample_picture
+from fastgen.train.inference import (CHECKPOINT_FILE, TRAINING_EVAL_SAMPLES, TRAINING_NLL_SAMPLES, checkpoint_path,
+                                     evaluate, save_sample_picture)
+from fastgen.train.plots import plot_run
 
 __all__ = ["Trainer", "GANTrainer", "AutoencoderTrainer", "NonFiniteLossError", "EMA",
            "CONFIG_FILE", "METRICS_FILE"]
@@ -287,13 +292,23 @@ class Trainer:
                             self._append_metrics(record)
                         bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k != "step"}, refresh=False)
                         sums, window_steps, window_seconds = {}, 0, 0.0
+                    if main and cfg.eval_every and (self.step % cfg.eval_every == 0 or last):
+                        self._append_metrics({"step": self.step, "eval": self.evaluate()})
                     if main and (self.step % cfg.sample_every == 0 or last):
                         self.save_samples(self.run_dir / "samples" / f"step_{self.step:06d}.png")
+                        plot_run(self.run_dir, METRICS_FILE)
                     if self.step % cfg.checkpoint_every == 0 or last:
                         self.save_checkpoint()
         finally:
             bar.close()
         return record
+
+    def evaluate(self) -> dict[str, Any]:
+        """The record of ``fastgen eval`` on fewer samples (:data:`TRAINING_EVAL_SAMPLES`), with the
+        run's seed; it draws on forked RNGs, so it never changes the training that follows."""
+        return evaluate(self.config, self.models, seed=self.config.seed,
+                        num_samples=TRAINING_EVAL_SAMPLES.get(self.config.model),
+                        nll_samples=TRAINING_NLL_SAMPLES)
 
     def train_step(self) -> dict[str, float]:
         """One optimization step; returns the logged values of that step."""
