@@ -160,9 +160,10 @@ Tiles = list[tuple[dict, bool, "str | None"]]  # (constexpr and option overrides
 def _conv_launches(target: Target) -> Iterator[tuple[Launch, Tiles]]:
     """Launches of kernels/conv_bn_act.py with their GPU tiles."""
     import torch
+    from fastgen.activations import ACTIVATIONS
     from fastgen.kernels import conv_bn_act as K
 
-    acts = tuple(K.ACTIVATION_CODES)
+    acts = tuple(row.code for row in ACTIVATIONS.values())
     bools = (False, True)
     n, hw, c = 2, 16, 64
 

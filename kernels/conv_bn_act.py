@@ -65,7 +65,9 @@ import triton.language as tl
 from ._common import acc_dtype, tl_acc_dtype
 from ._tuning import TileConfig, Tuner, batch_bucket
 
-ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4}
+# Activations travel as their code (the ACT constexpr), the column ``code`` of fastgen's one
+# activation table (fastgen/activations.py): 0 identity, 1 relu, 2 leaky_relu, 3 tanh, 4 sigmoid;
+# _activate and _activate_backward below implement each code.
 
 # GEMM tiles (kernels/_tuning.py): on CUDA the candidates that fit a shape are timed once and the
 # fastest kept; the first is the untimed default. Few candidates: each costs a compile per shape
@@ -104,7 +106,7 @@ STORE, STATS, AFFINE = (tl.constexpr(i) for i in range(3))
 
 @triton.jit
 def _activate(z, slope, ACT: tl.constexpr):
-    """act(z) for ACT in ACTIVATION_CODES; tanh and sigmoid never exponentiate a positive number,
+    """act(z) for the activation code ACT; tanh and sigmoid never exponentiate a positive number,
     and keep their relative precision near 0."""
     out = z
     if ACT == 1:
@@ -553,7 +555,7 @@ def _activation_output(n: int, c: int, hw: tuple[int, int], dtype: torch.dtype,
 def _conv_gemm(a: torch.Tensor, weight: torch.Tensor, out_hw: tuple[int, int],
                stride: tuple[int, int], padding: tuple[int, int], transposed: bool, epilogue: int,
                *, pre: torch.Tensor | None = None, coef: torch.Tensor | None = None,
-               activation: str = "identity", negative_slope: float = 0.0, store_pre: bool = False,
+               activation: int = 0, negative_slope: float = 0.0, store_pre: bool = False,
                channels_last: bool = True):
     """Launch _conv_gemm_kernel with ``epilogue`` (STORE/STATS/AFFINE .value). ``weight`` is in
     PyTorch's layout for a conv (transposed False) or a transposed conv (True); A is (N, H, W, C_a).
@@ -592,7 +594,7 @@ def _conv_gemm(a: torch.Tensor, weight: torch.Tensor, out_hw: tuple[int, int],
             N, H, W, C_a, HO, WO, C_b, KH, KW, stride[0], stride[1], padding[0], padding[1],
             *out_strides, negative_slope,
             TRANSPOSED=transposed, BN_GRAD=pre is not None, EPILOGUE=epilogue, STORE_PRE=store_pre,
-            ACT=ACTIVATION_CODES[activation], ACC=tl_acc_dtype(acc), PRECISION=precision,
+            ACT=activation, ACC=tl_acc_dtype(acc), PRECISION=precision,
             BLOCK_M=config.m, BLOCK_N=config.n, BLOCK_K=config.k, num_warps=config.num_warps,
             num_stages=config.num_stages)
         return part
@@ -624,7 +626,7 @@ def conv_stats_forward(x: torch.Tensor, weight: torch.Tensor, out_hw: tuple[int,
 
 def conv_affine_act_forward(x: torch.Tensor, weight: torch.Tensor, out_hw: tuple[int, int],
                             stride: tuple[int, int], padding: tuple[int, int], transposed: bool,
-                            coef: torch.Tensor, activation: str, negative_slope: float,
+                            coef: torch.Tensor, activation: int, negative_slope: float,
                             store_pre: bool, channels_last: bool
                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One launch: out = act(conv(x) * zscale + zshift) (eval BN folded, or a conv bias).
@@ -644,7 +646,7 @@ def conv_affine_act_forward(x: torch.Tensor, weight: torch.Tensor, out_hw: tuple
 
 def conv_input_grad(dout: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, weight: torch.Tensor,
                     in_hw: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
-                    transposed: bool, activation: str, negative_slope: float) -> torch.Tensor:
+                    transposed: bool, activation: int, negative_slope: float) -> torch.Tensor:
     """dL/dx of the conv (``transposed``: of the transposed conv), with dL/dy computed on the fly.
 
     Args:
@@ -662,7 +664,7 @@ def conv_input_grad(dout: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, wei
 
 def conv_weight_grad(x: torch.Tensor, dout: torch.Tensor, y: torch.Tensor, coef: torch.Tensor,
                      weight_shape: torch.Size, stride: tuple[int, int], padding: tuple[int, int],
-                     transposed: bool, activation: str, negative_slope: float,
+                     transposed: bool, activation: int, negative_slope: float,
                      dtype: torch.dtype) -> torch.Tensor:
     """dL/dweight in PyTorch's layout, with dL/dy computed on the fly.
 
@@ -694,7 +696,7 @@ def conv_weight_grad(x: torch.Tensor, dout: torch.Tensor, y: torch.Tensor, coef:
         _conv_wgrad_kernel[grid](
             g, d, y, coef, part, N, HG, WG, C_g, HD, WD, C_d, KH, KW, stride[0], stride[1],
             padding[0], padding[1], rows_per_split, negative_slope,
-            BN_GRAD_G=transposed, BN_GRAD_D=not transposed, ACT=ACTIVATION_CODES[activation],
+            BN_GRAD_G=transposed, BN_GRAD_D=not transposed, ACT=activation,
             ACC=tl_acc_dtype(acc), PRECISION=precision, BLOCK_G=config.m, BLOCK_D=config.n,
             BLOCK_M=config.k, num_warps=config.num_warps, num_stages=config.num_stages)
         return part
@@ -746,7 +748,7 @@ def bn_combine_stats(part: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor
     return stats
 
 
-def bn_act_apply(y: torch.Tensor, coef: torch.Tensor, activation: str, negative_slope: float,
+def bn_act_apply(y: torch.Tensor, coef: torch.Tensor, activation: int, negative_slope: float,
                  channels_last: bool) -> torch.Tensor:
     """out = act(y * zscale + zshift) for an NHWC y (coef rows 0, 1: zscale, zshift).
 
@@ -759,12 +761,12 @@ def bn_act_apply(y: torch.Tensor, coef: torch.Tensor, activation: str, negative_
     out, out_strides = _activation_output(N, C, (H, W), y.dtype, y.device, channels_last)
     grid = (triton.cdiv(M, block_m), triton.cdiv(C, block_c))
     _bn_act_apply_kernel[grid](y, coef, out, M, C, H * W, *out_strides, negative_slope,
-                               ACT=ACTIVATION_CODES[activation], ACC=tl_acc_dtype(coef.dtype),
+                               ACT=activation, ACC=tl_acc_dtype(coef.dtype),
                                BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
     return out
 
 
-def bn_act_grad_coef(dout: torch.Tensor, y: torch.Tensor, fwd_coef: torch.Tensor, activation: str,
+def bn_act_grad_coef(dout: torch.Tensor, y: torch.Tensor, fwd_coef: torch.Tensor, activation: int,
                      negative_slope: float, training: bool) -> torch.Tensor:
     """The backward's reduction pass: dbeta, dgamma and the per-channel coefficients of dL/dy.
 
@@ -783,7 +785,7 @@ def bn_act_grad_coef(dout: torch.Tensor, y: torch.Tensor, fwd_coef: torch.Tensor
     grid = (triton.cdiv(M, block_m), triton.cdiv(C, block_c))
     part = torch.empty((2, grid[0], C), dtype=fwd_coef.dtype, device=y.device)
     _bn_act_grad_partials_kernel[grid](dout, y, fwd_coef, part, M, C, negative_slope,
-                                       ACT=ACTIVATION_CODES[activation],
+                                       ACT=activation,
                                        ACC=tl_acc_dtype(fwd_coef.dtype), BLOCK_M=block_m,
                                        BLOCK_C=block_c, num_warps=4)
     coef = torch.empty((8, C), dtype=fwd_coef.dtype, device=y.device)
@@ -793,7 +795,7 @@ def bn_act_grad_coef(dout: torch.Tensor, y: torch.Tensor, fwd_coef: torch.Tensor
     return coef
 
 
-def bn_act_input_grad(dout: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, activation: str,
+def bn_act_input_grad(dout: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, activation: int,
                       negative_slope: float) -> torch.Tensor:
     """dL/dy of BN + activation (BN without a conv), NHWC, in dout's dtype; coef from
     bn_act_grad_coef."""
@@ -802,7 +804,7 @@ def bn_act_input_grad(dout: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, a
     dy = torch.empty_like(dout)
     grid = (triton.cdiv(M, block_m), triton.cdiv(C, block_c))
     _bn_act_input_grad_kernel[grid](dout, y, coef, dy, M, C, negative_slope,
-                                    ACT=ACTIVATION_CODES[activation], ACC=tl_acc_dtype(coef.dtype),
+                                    ACT=activation, ACC=tl_acc_dtype(coef.dtype),
                                     BLOCK_M=block_m, BLOCK_C=block_c,
                                     num_warps=4)
     return dy

@@ -13,6 +13,7 @@ import torch
 from triton.runtime.errors import OutOfResources
 
 import fastgen
+from fastgen.activations import ACTIVATIONS
 from fastgen import backend
 from fastgen import functional as FF
 from fastgen import reference
@@ -675,7 +676,7 @@ def test_a_shape_whose_fused_kernels_fail_runs_cudnn_gemm(monkeypatch, timed_imp
     that shape: the layer runs cuDNN's conv with the fused BN passes, and "auto" records no
     failure."""
     tuner = FF.CONV_IMPLEMENTATION_TUNER
-    monkeypatch.setattr(tuner, "candidates_for", lambda device, dtype=None: FF.CONV_IMPLEMENTATIONS)
+    monkeypatch.setattr(tuner, "candidates_for", lambda device, *args, **kw: FF.CONV_IMPLEMENTATIONS)
     monkeypatch.setattr(tuner, "chosen", {})
     monkeypatch.setattr(kernels.GEMM_TUNER, "benchmark_ms", _out_of_shared_memory)
     backend.reset_failures()
@@ -698,4 +699,4 @@ def test_more_pixels_than_int32_indexes_is_a_clear_error(transposed):
         kernels.conv_stats_forward(x, w, (1, 1), (1, 1), (0, 0), transposed)
     with pytest.raises(ValueError, match=r"x: 2147483648 pixels"):
         kernels.conv_weight_grad(x, x, x, torch.zeros(8, 1), w.shape, (1, 1), (0, 0), transposed,
-                                 "relu", 0.0, torch.float32)
+                                 ACTIVATIONS["relu"].code, 0.0, torch.float32)

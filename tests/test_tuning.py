@@ -7,6 +7,7 @@ import pytest
 import torch
 from triton.runtime.errors import OutOfResources
 
+from fastgen.activations import ACTIVATIONS
 from fastgen.kernels import _tuning
 from fastgen.kernels._tuning import NoCandidateError, TileConfig, Tuner
 
@@ -168,7 +169,7 @@ def test_conv_tiles_are_chosen_per_batch_bucket(monkeypatch):
         x, dout = torch.randn(n, 5, 5, 8), torch.randn(n, 5, 5, 16)
         K.conv_stats_forward(x, weight, (5, 5), (1, 1), (1, 1), False)
         K.conv_weight_grad(x, dout, dout, torch.randn(8, 16), weight.shape, (1, 1), (1, 1), False,
-                           "relu", 0.0, torch.float32)
+                           ACTIVATIONS["relu"].code, 0.0, torch.float32)
     gemm, wgrad = seen[0::2], seen[1::2]
     assert all(s == gemm[0] for s in gemm) and all(s == wgrad[0] for s in wgrad)
     x = torch.randn(8, 5, 5, 8)  # the next bucket down is another key

@@ -189,14 +189,14 @@ def _forward_triton(implementation: str, x: Tensor, weight: Tensor, gamma: Tenso
                              spec.output_padding, spec.transposed)
         conv_args = (_nhwc(x), weight, out_hw, spec.stride, spec.padding, spec.transposed)
         if folded is not None:
-            out, y = kernels.conv_affine_act_forward(*conv_args, folded, spec.activation,
+            out, y = kernels.conv_affine_act_forward(*conv_args, folded, spec.act_code,
                                                      spec.negative_slope, save_pre, channels_last)
             return out, y, folded, None
         y, part = kernels.conv_stats_forward(*conv_args)
     else:
         y = _nhwc(_conv_torch(x, weight, spec))
         if folded is not None:
-            return kernels.bn_act_apply(y, folded, spec.activation, spec.negative_slope,
+            return kernels.bn_act_apply(y, folded, spec.act_code, spec.negative_slope,
                                         channels_last), y, folded, None
         part = kernels.bn_partial_stats(y)
     return _apply_batch_stats(y, part, gamma, beta, running_mean, running_var, spec, channels_last)
@@ -214,7 +214,7 @@ def _apply_batch_stats(y: Tensor, part: Tensor, gamma: Tensor | None, beta: Tens
     stats = kernels.bn_combine_stats(part, _affine(gamma, 1.0, channels, y),
                                      _affine(beta, 0.0, channels, y), running_mean, running_var,
                                      spec.momentum, spec.eps)
-    out = kernels.bn_act_apply(y, stats[:4], spec.activation, spec.negative_slope, channels_last)
+    out = kernels.bn_act_apply(y, stats[:4], spec.act_code, spec.negative_slope, channels_last)
     # Outputs of an op may not alias each other, and start at their storage's first element.
     return out, y, stats[:4], None if running_mean is None else stats[4:].clone()
 
@@ -257,11 +257,10 @@ def _conv_key(x: Tensor, weight: Tensor, spec: _Spec) -> tuple:
 
 def _implementation(x: Tensor, weight: Tensor, gamma: Tensor | None, beta: Tensor | None,
                     running_mean: Tensor | None, running_var: Tensor | None, spec: _Spec) -> str:
-    """The conv implementation for this shape: timed once per key on CUDA, forward and backward
-    with every gradient, on the very inputs (the trial writes no buffer). A synchronized BN's
-    trial runs unsynchronized: no rank waits in a collective on another's timing."""
-    if x.device.type != "cuda":
-        return CONV_IMPLEMENTATION_TUNER.interpreter
+    """The conv implementation for this shape: timed once per key (the tuner's policy,
+    kernels/_tuning.py: on CUDA), forward and backward with every gradient, on the very inputs
+    (the trial writes no buffer and saves no tensor). A synchronized BN's trial runs
+    unsynchronized: no rank waits in a collective on another's timing."""
     spec = spec._replace(group="")
 
     def trial(implementation: str) -> None:
@@ -278,7 +277,7 @@ def _grad_coef(dout: Tensor, y: Tensor, coef: Tensor, spec: _Spec,
     takes the global means of dz and dz * xhat (rows dbeta / n, dgamma / n); dgamma and dbeta
     stay the local sums."""
     kernels = _library.conv_bn_act
-    grad_coef = kernels.bn_act_grad_coef(dout, y, coef, spec.activation, spec.negative_slope,
+    grad_coef = kernels.bn_act_grad_coef(dout, y, coef, spec.act_code, spec.negative_slope,
                                          training=spec.mode == "train")
     if spec.group and (mask[0] or mask[1]):
         dbeta, dgamma, count = sync_bn.all_reduce_grad_sums(
@@ -296,7 +295,7 @@ def _backward_triton(implementation: str, grad_out: Tensor, x: Tensor, weight: T
     dout = _nhwc(grad_out.to(y.dtype))
     grad_coef = _grad_coef(dout, y, coef, spec, mask)
     dx = dw = None
-    act = (spec.activation, spec.negative_slope)
+    act = (spec.act_code, spec.negative_slope)
     if implementation == "fused":
         if mask[0]:
             dx = _nchw_view(kernels.conv_input_grad(dout, y, grad_coef, weight, tuple(x.shape[2:]),
@@ -569,7 +568,7 @@ def _bn_act_op(x: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
         x_nhwc = _nhwc(x)
         if spec.mode == "eval":
             coef = _folded_coef(spec, bn_weight, bn_bias, running_mean, running_var, x.shape[1], x)
-            return _library.conv_bn_act.bn_act_apply(x_nhwc, coef, activation, negative_slope,
+            return _library.conv_bn_act.bn_act_apply(x_nhwc, coef, spec.act_code, negative_slope,
                                                      _channels_last_out(x)), None, coef, None
         return _apply_batch_stats(x_nhwc, _library.conv_bn_act.bn_partial_stats(x_nhwc), bn_weight,
                                   bn_bias, running_mean, running_var, spec, _channels_last_out(x))
@@ -612,7 +611,8 @@ def _bn_act_backward_op(grad_out: Tensor, x: Tensor, coef: Tensor, bn_weight: Te
         grad_coef = _grad_coef(dout, x_nhwc, coef, spec, mask)
         dx = None
         if mask[0]:
-            dx = _nchw_view(kernels.bn_act_input_grad(dout, x_nhwc, grad_coef, activation, negative_slope))
+            dx = _nchw_view(kernels.bn_act_input_grad(dout, x_nhwc, grad_coef, spec.act_code,
+                                                      negative_slope))
         return (dx, None, *kernels.param_grads(grad_coef))
 
     grads = backend.dispatch(
