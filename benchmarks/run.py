@@ -270,6 +270,13 @@ def markdown(report: dict) -> str:
             f"{_fmt(r.get('traffic_pct_of_copy'), '.0f')} | {_fmt(r.get('tflops'), '.1f')} | "
             f"{_fmt(r.get('tflops_pct_of_matmul'), '.0f')} | {_fmt(r.get('images_per_s'), '.0f')} | "
             f"{_fmt(r.get('peak_extra_mib'), '.1f')} | {r['max_rel_err']:.1e} | {'yes' if r['ok'] else 'NO'} |")
+    if "scaling" in report:
+        from benchmarks.scaling import markdown_line
+
+        lines.append("\nData-parallel scaling (weak: a fixed batch per process):\n")
+        lines.append("| row | 1 process | N processes | speedup | efficiency |")
+        lines.append("|---|---|---|---|---|")
+        lines.append(markdown_line(report["scaling"]))
     chosen = report.get("tuned", {}).get("conv_bn_act implementation", {})
     if chosen:
         lines.append("\nThe fastgen rows' conv layers ran, per shape, the implementation timed "
@@ -294,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--impls", default="", help=f"comma-separated implementations to run, some of "
                         f"{', '.join(IMPLS)} (default: every one the rows have)")
     parser.add_argument("--skip", default="", help="comma-separated implementations not to run")
+    parser.add_argument("--scaling", action="store_true",
+                        help="also the data-parallel scaling row (benchmarks/scaling.py: DCGAN-64 training "
+                        "images/s on 1 and on every GPU through torchrun; skipped below two GPUs)")
     parser.add_argument("--tag", default="", help="appended to the report's file names (a part of a session)")
     parser.add_argument("--row-limit-s", type=float, default=None,
                         help="stop a row after this many seconds and report it as an error")
@@ -358,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
                                    args.row_limit_s)
         save()  # after every case: a run stopped by its time limit keeps the rows it finished
         print(f"done: {case.group}", flush=True)
+    if args.scaling:
+        from benchmarks.scaling import scaling_row
+
+        report["scaling"] = scaling_row() if cuda else {"row": "ddp-scaling", "skipped": "no CUDA device"}
     save()
     table = markdown(report)
     (args.out_dir / f"{stem}.md").write_text(table)

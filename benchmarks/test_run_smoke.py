@@ -28,6 +28,16 @@ def test_run_smoke_writes_json_and_markdown(tmp_path, capsys):
     assert "| gan_g_loss | B=64 fp32 | fastgen |" in md_file.read_text()
 
 
+def test_scaling_row_joins_the_report(tmp_path, capsys):
+    """--scaling adds the data-parallel row to the JSON and a table to the markdown (here, without
+    CUDA, as skipped with its reason)."""
+    assert run.main(["--smoke", "--out-dir", str(tmp_path), "--only", "gan_g_loss", "--scaling"]) == 0
+    (json_file,) = tmp_path.glob("*.json")
+    assert json.loads(json_file.read_text())["scaling"] == {"row": "ddp-scaling", "skipped": "no CUDA device"}
+    (md_file,) = tmp_path.glob("*.md")
+    assert "| ddp-scaling | skipped: no CUDA device |" in md_file.read_text()
+
+
 def test_run_smoke_conv_layer_has_the_cudnn_gemm_row(tmp_path, capsys):
     """A conv-BN layer is also timed as cuDNN's conv + fastgen's bn_act, checked like the others."""
     assert run.main(["--smoke", "--out-dir", str(tmp_path), "--only", "conv_bn_act .* fwd\\+bwd",
