@@ -119,7 +119,8 @@ def load_classifier(path: str | os.PathLike | None = None, *, sha256: str | None
     if sha256 is not None and (actual := _sha256(path)) != sha256:
         raise ValueError(f"path: {path} has sha256 {actual}, expected {sha256} (classifier {CLASSIFIER_VERSION}); "
                          "reinstall fastgen or regenerate it with `python -m fastgen.classifier`")
-    model = FeatureClassifier()
+    with torch.random.fork_rng(devices=[]):  # the initialization it overwrites must not shift a run's RNG
+        model = FeatureClassifier()
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval().requires_grad_(False)
 

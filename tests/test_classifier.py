@@ -51,7 +51,9 @@ def test_prepare_images_rejects_bad_input(images, value_range, error, match):
 
 def test_shipped_weights_load_small_and_checked(tmp_path):
     assert WEIGHTS_FILE.stat().st_size < 1_000_000
+    state = torch.get_rng_state()
     model = load_classifier()
+    assert torch.equal(torch.get_rng_state(), state)  # loading inside a training run leaves its RNG alone
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     x = torch.rand(5, 1, 28, 28)
     features = classifier_features(model, x, (0.0, 1.0))
