@@ -1,5 +1,10 @@
-"""Fixtures shared by the tests: NaN-poisoned allocations, the relative-error measure, the CLI runner."""
+"""Fixtures shared by the tests: NaN-poisoned allocations, the relative-error measure, the CLI
+runner, a small IDX data set and the metrics log reader."""
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -53,3 +58,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory) -> str:
+    """A small MNIST-style data set: 96 train / 40 test random 28x28 images with labels 0..9."""
+    from fastgen.data import write_idx
+
+    folder = tmp_path_factory.mktemp("idx")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 96), ("t10k", 40)):
+        write_idx(folder / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(folder / f"{split}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8))
+    return str(folder)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl records without the timing field (which differs run to run)."""
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        record.pop("images_per_s", None)
+    return records

@@ -3,26 +3,14 @@
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
 from fastgen.classifier import (FEATURES, WEIGHTS_FILE, FeatureClassifier, classifier_features, classifier_logits,
                                 load_classifier, prepare_images, train_classifier)
-from fastgen.data import DEFAULT_FASHION_MNIST_DIR, load_mnist_family, write_idx
+from fastgen.data import DEFAULT_FASHION_MNIST_DIR, load_mnist_family
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def image_dir(tmp_path_factory):
-    """64 train / 20 test random 28x28 images, labels 0..9."""
-    folder = tmp_path_factory.mktemp("idx")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 64), ("t10k", 20)):
-        write_idx(folder / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        write_idx(folder / f"{split}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8))
-    return str(folder)
 
 
 def test_prepare_images_pads_rescales_and_pools():

@@ -9,13 +9,13 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
-from fastgen.data import BatchSampler, write_idx
+from fastgen.data import BatchSampler
 from fastgen.train import TrainConfig, Trainer, load_checkpoint
 from fastgen.train import distributed
+from tests.conftest import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,30 +59,12 @@ def _one_process(model_args: list[str], out_dir, **options):
     return trainer
 
 
-def _metrics(run_dir):
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    for record in records:
-        record.pop("images_per_s")
-    return records
-
-
 def _assert_same_metrics(got, want):
     assert [r["step"] for r in got] == [r["step"] for r in want]
     for a, b in zip(got, want):
         assert a.keys() == b.keys()
         for name in a:
             assert a[name] == pytest.approx(b[name], rel=RTOL, abs=ATOL), (a["step"], name)
-
-
-@pytest.fixture(scope="module")
-def image_dir(tmp_path_factory):
-    """A small MNIST-style data set: 96 train / 40 test random 28x28 images with labels 0..9."""
-    folder = tmp_path_factory.mktemp("idx")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 96), ("t10k", 40)):
-        write_idx(folder / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        write_idx(folder / f"{split}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8))
-    return str(folder)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,7 +76,7 @@ def test_gan2d_matches_one_process_writes_one_run_and_resumes(tmp_path):
     first = _torchrun(*GAN2D, "--steps", "2", "--out-dir", str(run))
     assert "x2 processes (gloo)" in first.stdout and first.stdout.count("trained gan2d") == 1
     _torchrun("gan2d", "--steps", "3", "--resume", str(run))  # every rank resumes from the checkpoint
-    _assert_same_metrics(_metrics(run), _metrics(_one_process(GAN2D, tmp_path / "one", steps=3).run_dir))
+    _assert_same_metrics(read_metrics(run), read_metrics(_one_process(GAN2D, tmp_path / "one", steps=3).run_dir))
 
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["ddp"]  # rank 0 alone writes
     names = {p.name for p in run.iterdir()}
@@ -113,7 +95,7 @@ def test_dcgan_with_sync_bn_matches_one_process(tmp_path, image_dir):
     run = tmp_path / "ddp"
     _torchrun(*DCGAN, "--steps", "2", "--sync-bn", "--data-dir", image_dir, "--out-dir", str(run))
     one = _one_process(DCGAN, tmp_path / "one", steps=2, data_dir=image_dir, sync_bn=True)
-    _assert_same_metrics(_metrics(run), _metrics(one.run_dir))
+    _assert_same_metrics(read_metrics(run), read_metrics(one.run_dir))
     # Synchronized running statistics: rank 0's checkpoint holds the whole batch's.
     saved = load_checkpoint(run / "checkpoint.pt")["models"]
     for name, module in one.models.items():
@@ -183,7 +165,7 @@ def test_a_group_of_one_trains_as_one_process(tmp_path, monkeypatch):
         monkeypatch.delenv(name)
     plain = _one_process(GAN2D, tmp_path / "plain", steps=2)
     assert (plain.config.world_size, plain.config.dist_backend) == (None, None)
-    assert _metrics(grouped.run_dir) == _metrics(plain.run_dir)
+    assert read_metrics(grouped.run_dir) == read_metrics(plain.run_dir)
 
 
 def test_sampler_shards_are_the_global_batches():

@@ -3,13 +3,11 @@
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from fastgen.classifier import CLASSIFIER_VERSION
-from fastgen.data import write_idx
 from fastgen.metrics import bits_per_dim, pca_fit, pca_mse
 from fastgen.train import TrainConfig, Trainer, evaluate
 from fastgen.train.factory import load_dataset
@@ -20,17 +18,6 @@ from tests.conftest import run_cli
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FEATURE_METRICS = {"fd", "kid", "kid_std", "precision", "recall", "density", "coverage"}
-
-
-@pytest.fixture(scope="module")
-def image_dir(tmp_path_factory):
-    """96 train / 40 test random 28x28 images with labels 0..9."""
-    folder = tmp_path_factory.mktemp("idx")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 96), ("t10k", 40)):
-        write_idx(folder / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        write_idx(folder / f"{split}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8))
-    return str(folder)
 
 
 def _trained(model, image_dir, out_dir, steps=2, **options):

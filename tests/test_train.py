@@ -9,24 +9,13 @@ import torch
 from PIL import Image
 
 from fastgen.backend import use_backend
-from fastgen.data import write_idx
 from fastgen.train import NonFiniteLossError, TrainConfig, Trainer, evaluate, generate, load_run
 from fastgen.train.checkpoint import CheckpointError, load_checkpoint
 from fastgen.train.trainer import EMA
+from tests.conftest import read_metrics
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def image_dir(tmp_path_factory):
-    """A small MNIST-style data set: 96 train / 40 test random 28x28 images with labels 0..9."""
-    folder = tmp_path_factory.mktemp("idx")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 96), ("t10k", 40)):
-        write_idx(folder / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        write_idx(folder / f"{split}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8))
-    return str(folder)
 
 
 def _config(model, out_dir, **options):
@@ -45,13 +34,6 @@ def _train(config):
     trainer = Trainer.create(config, progress=False)
     trainer.fit()
     return trainer
-
-
-def _metrics(run_dir):
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    for record in records:
-        record.pop("images_per_s")
-    return records
 
 
 def _assert_same_state(a, b):
@@ -96,8 +78,8 @@ def test_resume_is_bit_exact(tmp_path, image_dir, case):
     resumed = Trainer.resume(tmp_path / "split", steps=steps, progress=False)
     assert resumed.step == steps // 2
     resumed.fit()
-    assert _metrics(tmp_path / "split") == _metrics(tmp_path / "straight")
-    assert [r["step"] for r in _metrics(tmp_path / "split")] == list(range(1, steps + 1))
+    assert read_metrics(tmp_path / "split") == read_metrics(tmp_path / "straight")
+    assert [r["step"] for r in read_metrics(tmp_path / "split")] == list(range(1, steps + 1))
     a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
     for part in ("models", "optimizers", "sampler", "rng", "step"):
@@ -111,16 +93,16 @@ def test_resume_drops_log_records_past_the_checkpoint(tmp_path):
     log = tmp_path / "run" / "metrics.jsonl"
     log.write_text(log.read_text() + '{"step": 3, "d_loss": 1.0}\n{"step": 4, "d_lo')
     Trainer.resume(tmp_path / "run", steps=4, progress=False).fit()
-    assert [r["step"] for r in _metrics(tmp_path / "run")] == [1, 2, 3, 4]
-    assert all("g_loss" in r for r in _metrics(tmp_path / "run"))
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
+    assert all("g_loss" in r for r in read_metrics(tmp_path / "run"))
 
 
 def test_runs_repeat_and_seeds_differ(tmp_path):
     _train(_config("gan2d", tmp_path / "a", steps=3))
     _train(_config("gan2d", tmp_path / "b", steps=3))
     _train(_config("gan2d", tmp_path / "c", steps=3, seed=1))
-    assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
-    assert _metrics(tmp_path / "a") != _metrics(tmp_path / "c")
+    assert read_metrics(tmp_path / "a") == read_metrics(tmp_path / "b")
+    assert read_metrics(tmp_path / "a") != read_metrics(tmp_path / "c")
 
 
 def test_run_directory(tmp_path, image_dir):
@@ -166,7 +148,7 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 ], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_gan2d_objectives_train(tmp_path, options):
     trainer = _train(_config("gan2d", tmp_path / "run", steps=3, **options))
-    records = _metrics(tmp_path / "run")
+    records = read_metrics(tmp_path / "run")
     assert all(math.isfinite(v) for r in records for v in r.values())
     extra = {"gp"} if trainer.config.loss == "wgan_gp" else set()
     extra |= {"r1"} if trainer.config.r1_gamma else set()
@@ -190,7 +172,7 @@ def test_projection_cgan_samples_follow_labels(tmp_path, image_dir):
 @pytest.mark.parametrize("model", ["ae", "vae"])
 def test_autoencoders_train_and_evaluate(tmp_path, image_dir, model):
     trainer = _train(_config(model, tmp_path / "run", steps=30, data_dir=image_dir, sample_every=30))
-    losses = [r["loss"] for r in _metrics(tmp_path / "run")]
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run")]
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     config, models, _ = load_run(tmp_path / "run")
     metrics = evaluate(config, models)
@@ -261,10 +243,10 @@ def test_compile_trains_like_eager(tmp_path, image_dir, model, options):
     if options.pop("image_dir", False):
         options["data_dir"] = image_dir
     torch._dynamo.reset()
-    eager = _metrics(_train(_config(model, tmp_path / "eager", steps=2, **options)).run_dir)
+    eager = read_metrics(_train(_config(model, tmp_path / "eager", steps=2, **options)).run_dir)
     compiled = _train(_config(model, tmp_path / "compiled", steps=2, compile=True, **options))
     assert json.loads((compiled.run_dir / "config.json").read_text())["compile"] is True
-    for got, want in zip(_metrics(compiled.run_dir), eager):
+    for got, want in zip(read_metrics(compiled.run_dir), eager):
         assert got.keys() == want.keys()
         for name in got:
             assert math.isclose(got[name], want[name], rel_tol=1e-3, abs_tol=1e-5), name
@@ -281,5 +263,5 @@ def test_gpu_cuda_graphs_train(tmp_path, image_dir, model):
     """--cuda-graphs: Inductor's CUDA graphs replay the steps on the fused ops (Triton backend)."""
     trainer = _train(_config(model, tmp_path / "run", steps=4, device="cuda", backend="triton",
                              cuda_graphs=True, data_dir=image_dir))
-    records = _metrics(trainer.run_dir)
+    records = read_metrics(trainer.run_dir)
     assert len(records) == 4 and all(math.isfinite(v) for r in records for v in r.values())
