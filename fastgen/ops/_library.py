@@ -23,8 +23,6 @@ if backend.triton_available():
 else:  # fastgen imports and trains without triton: the reference path only
     bce = conv_bn_act = reparam = None
 
-NAMESPACE = "fastgen"
-
 
 def empty(like: Tensor) -> Tensor:
     """The stand-in for an output an op does not produce (a custom op cannot return None)."""

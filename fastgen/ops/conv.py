@@ -57,10 +57,6 @@ class _Spec(NamedTuple):
     def act_code(self) -> int:
         return activations.ACTIVATIONS[self.activation].code
 
-    def geometry(self) -> dict:
-        return dict(stride=self.stride, padding=self.padding, output_padding=self.output_padding,
-                    transposed=self.transposed)
-
 
 def _spec(stride, padding, output_padding, transposed, mode, momentum, eps, activation,
           negative_slope, group: str = "") -> _Spec:
