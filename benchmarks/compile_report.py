@@ -163,7 +163,8 @@ def _conv_launches(target: Target) -> Iterator[tuple[Launch, Tiles]]:
     from fastgen.activations import ACTIVATIONS
     from fastgen.kernels import conv_bn_act as K
 
-    acts = tuple(row.code for row in ACTIVATIONS.values())
+    acts = tuple(ACTIVATIONS)  # names label the variants; the kernels take each one's code
+    code = lambda name: ACTIVATIONS[name].code  # noqa: E731
     bools = (False, True)
     n, hw, c = 2, 16, 64
 
@@ -182,26 +183,26 @@ def _conv_launches(target: Target) -> Iterator[tuple[Launch, Tiles]]:
         "conv_affine_act_forward": (dict(transposed=bools, activation=acts, store_pre=bools),
                                     lambda x, o, w, coef, transposed, activation, store_pre: (
             K.conv_affine_act_forward(o if transposed else x, w, (hw, hw) if transposed else (hw // 2,) * 2,
-                                      transposed=transposed, coef=coef, activation=activation,
+                                      transposed=transposed, coef=coef, activation=code(activation),
                                       negative_slope=0.2, store_pre=store_pre, channels_last=True, **geom))),
         "conv_input_grad": (dict(transposed=bools, activation=acts), lambda x, o, w, coef, transposed, activation: (
             K.conv_input_grad(x if transposed else o, x if transposed else o, coef, w,
                               (hw // 2,) * 2 if transposed else (hw, hw), transposed=transposed,
-                              activation=activation, negative_slope=0.2, **geom))),
+                              activation=code(activation), negative_slope=0.2, **geom))),
         "conv_weight_grad": (dict(transposed=bools, activation=acts), lambda x, o, w, coef, transposed, activation: (
             K.conv_weight_grad(o if transposed else x, x if transposed else o, x if transposed else o, coef,
-                               w.shape, transposed=transposed, activation=activation, negative_slope=0.2,
+                               w.shape, transposed=transposed, activation=code(activation), negative_slope=0.2,
                                dtype=torch.float32, **geom))),
         "bn_partial_stats": ({}, lambda x, o, w, coef: K.bn_partial_stats(x)),
         "bn_combine_stats": (dict(running=bools), lambda x, o, w, coef, running: K.bn_combine_stats(
             torch.rand(3, 4, c), coef[0], coef[1], coef[2] if running else None,
             coef[3] if running else None, 0.1, 1e-5)),
         "bn_act_apply": (dict(activation=acts, channels_last=bools), lambda x, o, w, coef, activation, channels_last: (
-            K.bn_act_apply(x, coef, activation, 0.2, channels_last))),
+            K.bn_act_apply(x, coef, code(activation), 0.2, channels_last))),
         "bn_act_grad_coef": (dict(activation=acts, training=bools), lambda x, o, w, coef, activation, training: (
-            K.bn_act_grad_coef(x, x, coef, activation, 0.2, training))),
+            K.bn_act_grad_coef(x, x, coef, code(activation), 0.2, training))),
         "bn_act_input_grad": (dict(activation=acts), lambda x, o, w, coef, activation: (
-            K.bn_act_input_grad(x, x, coef, activation, 0.2))),
+            K.bn_act_input_grad(x, x, coef, code(activation), 0.2))),
     }
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     launches = []
