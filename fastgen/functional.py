@@ -8,8 +8,8 @@ one module per family; this module is their facade.
 
 from fastgen.ops import (CONV_IMPLEMENTATION_TUNER, CONV_IMPLEMENTATIONS, DLossOutput, GLossOutput,
                          bce_with_logits, bn_act, conv_bias_act, conv_bn_act, gan_d_loss, gan_g_loss,
-                         log_normal_diag, reparameterize)
+                         log_normal_diag, modulated_conv2d, reparameterize)
 
 __all__ = ["bce_with_logits", "gan_d_loss", "gan_g_loss", "DLossOutput", "GLossOutput",
            "reparameterize", "log_normal_diag", "conv_bn_act", "conv_bias_act", "bn_act",
-           "CONV_IMPLEMENTATIONS", "CONV_IMPLEMENTATION_TUNER"]
+           "CONV_IMPLEMENTATIONS", "CONV_IMPLEMENTATION_TUNER", "modulated_conv2d"]

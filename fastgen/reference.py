@@ -196,7 +196,11 @@ def conv_bn_act(x: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias: Te
         x: ``(N, C_in, H, W)``.
         weight: ``(C_out, C_in, kH, kW)`` for a conv, ``(C_in, C_out, kH, kW)`` when ``transposed``
             (PyTorch's layouts).
-        bn_weight, bn_bias: ``(C_out,)`` BN affine parameters, or None for no affine transform.
+        bn_weight, bn_bias: BN affine parameters, or None for no affine transform: ``(C_out,)``
+            per channel, or ``(N, C_out)`` per sample (BigGAN's class-conditional BN:
+            ``z[n, c] = xhat[n, c] * bn_weight[n, c] + bn_bias[n, c]``; the scale is taken as
+            given, so BigGAN's ``1 + embedding`` is the caller's). Either may be per sample while
+            the other is per channel.
         running_mean, running_var: ``(C_out,)`` float buffers, or None to use batch statistics only.
         output_padding: only for ``transposed``.
         activation: one of :data:`ACTIVATIONS`.
@@ -205,8 +209,8 @@ def conv_bn_act(x: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias: Te
         ``(N, C_out, H_out, W_out)`` in ``x``'s dtype.
     """
     y = _conv(x, weight, None, stride, padding, output_padding, transposed)
-    y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
-    return activate(y, activation, negative_slope)
+    return bn_act(y, bn_weight, bn_bias, running_mean, running_var, training=training,
+                  momentum=momentum, eps=eps, activation=activation, negative_slope=negative_slope)
 
 
 def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int | tuple[int, int],
@@ -237,6 +241,99 @@ def bn_act(x: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
            running_mean: Tensor | None, running_var: Tensor | None, *, training: bool = True,
            momentum: float = 0.1, eps: float = 1e-5, activation: str = "relu",
            negative_slope: float = 0.2) -> Tensor:
-    """BatchNorm2d, then an activation: :func:`conv_bn_act` without the conv. ``x``: ``(N, C, H, W)``."""
-    y = F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    """BatchNorm2d, then an activation: :func:`conv_bn_act` without the conv. ``x``: ``(N, C, H, W)``;
+    ``bn_weight``, ``bn_bias``: ``(C,)`` per channel or ``(N, C)`` per sample (class-conditional BN)."""
+    if not any(p is not None and p.dim() == 2 for p in (bn_weight, bn_bias)):
+        y = F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    else:  # per-sample affine: normalize (updating the running statistics), then scale and shift
+        y = F.batch_norm(x, running_mean, running_var, None, None, training, momentum, eps)
+        y = affine(y, bn_weight, bn_bias)
     return activate(y, activation, negative_slope)
+
+
+def affine(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """``x * weight + bias`` on an ``(N, C, H, W)`` tensor, each of ``weight``, ``bias`` a ``(C,)``
+    per-channel or ``(N, C)`` per-sample parameter, or None (1, 0)."""
+    def per_pixel(p: Tensor) -> Tensor:
+        return p.reshape(-1, x.shape[1], 1, 1)
+
+    if weight is not None:
+        x = x * per_pixel(weight)
+    return x if bias is None else x + per_pixel(bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modulated convolution (StyleGAN2)
+
+
+def demodulation(weight: Tensor, styles: Tensor, eps: float = 1e-8) -> Tensor:
+    """StyleGAN2's demodulation coefficients ``(B, C_out)``:
+    ``d[b, o] = 1 / sqrt(sum_{i, kh, kw} (weight[o, i, kh, kw] * styles[b, i])^2 + eps)``.
+
+    Args:
+        weight: ``(C_out, C_in, kH, kW)``.
+        styles: ``(B, C_in)``.
+    """
+    return torch.rsqrt(styles.square() @ weight.square().sum((2, 3)).t() + eps)
+
+
+def modulated_conv2d(x: Tensor, weight: Tensor, styles: Tensor, *, demodulate: bool = True,
+                     padding: int = 0, up: int = 1, eps: float = 1e-8, noise: Tensor | None = None,
+                     noise_strength: Tensor | None = None, bias: Tensor | None = None,
+                     activation: str = "identity", negative_slope: float = 0.2,
+                     gain: float = 1.0) -> Tensor:
+    """StyleGAN2's modulated convolution with noise, bias, activation and gain, as a grouped conv.
+
+    With per-sample weights ``w'[b, o, i] = weight[o, i] * styles[b, i]``, demodulated when
+    ``demodulate`` by ``d[b, o]`` (:func:`demodulation`), and ``y = conv_b(x[b], w'[b])``:
+
+        out = act(d * y + noise_strength * noise + bias) * gain
+
+    ``up=1``: ``conv_b`` is ``F.conv2d(x[b], w'[b], padding=padding)``. ``up=2``: it is
+    ``F.conv_transpose2d(x[b], w'[b].transpose(0, 1), stride=2, padding=padding)``: the weight
+    keeps its ``(C_out, C_in, kH, kW)`` layout, transposed to conv_transpose2d's
+    ``(C_in, C_out, kH, kW)`` (no flip), so ``H_out = 2 * (H - 1) - 2 * padding + kH``.
+    StyleGAN2's FIR blur after the upsampling is not part of the op.
+
+    Args:
+        x: ``(B, C_in, H, W)``.
+        weight: ``(C_out, C_in, kH, kW)``, shared by the batch.
+        styles: ``(B, C_in)``, the per-sample input-channel scales.
+        demodulate: divide each output channel by the norm of its per-sample weight.
+        padding: zero padding, an int (of the conv, or of conv_transpose2d for ``up=2``).
+        up: 1 (conv) or 2 (stride-2 transposed conv).
+        eps: added to the squared norm in the demodulation.
+        noise: ``(B, 1, H_out, W_out)``, broadcast over the channels, or None.
+        noise_strength: a 0-dim or ``(1,)`` tensor scaling ``noise`` (None: 1).
+        bias: ``(C_out,)`` or None.
+        activation: one of :data:`ACTIVATIONS` ("leaky_relu" uses ``negative_slope``).
+        gain: the output scale; StyleGAN2 uses ``sqrt(2)`` with leaky_relu(0.2).
+
+    Returns:
+        ``(B, C_out, H_out, W_out)`` in ``x``'s dtype.
+    """
+    batch, c_in = x.shape[:2]
+    c_out = weight.shape[0]
+    w = weight.unsqueeze(0) * styles.reshape(batch, 1, c_in, 1, 1)
+    if demodulate:
+        w = w * demodulation(weight, styles, eps).reshape(batch, c_out, 1, 1, 1)
+    x = x.reshape(1, batch * c_in, *x.shape[2:])
+    if up == 1:
+        y = F.conv2d(x, w.reshape(batch * c_out, *weight.shape[1:]), padding=padding, groups=batch)
+    else:
+        w = w.transpose(1, 2).reshape(batch * c_in, c_out, *weight.shape[2:])
+        y = F.conv_transpose2d(x, w, stride=up, padding=padding, groups=batch)
+    return noise_bias_act(y.reshape(batch, c_out, *y.shape[2:]), noise, noise_strength, bias,
+                          activation, negative_slope, gain)
+
+
+def noise_bias_act(z: Tensor, noise: Tensor | None, noise_strength: Tensor | None,
+                   bias: Tensor | None, activation: str, negative_slope: float,
+                   gain: float) -> Tensor:
+    """:func:`modulated_conv2d`'s last step on its (demodulated) conv output z ``(B, C, H, W)``:
+    ``act(z + noise_strength * noise + bias) * gain``, each term skipped where None."""
+    if noise is not None:
+        z = z + (noise if noise_strength is None else noise * noise_strength.reshape(()))
+    if bias is not None:
+        z = z + bias.reshape(1, -1, 1, 1)
+    return activate(z, activation, negative_slope) * gain
