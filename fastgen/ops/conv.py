@@ -112,6 +112,29 @@ def _conv_torch(x: Tensor, weight: Tensor, spec: _Spec) -> Tensor:
 # Coefficients z = y * zscale + zshift
 
 
+def _per_sample(gamma: Tensor | None, beta: Tensor | None) -> bool:
+    """Whether the BN affine is per sample (class-conditional BN): gamma or beta is (N, C)."""
+    return any(p is not None and p.dim() == 2 for p in (gamma, beta))
+
+
+def _coef_affine(gamma: Tensor | None, beta: Tensor | None
+                 ) -> tuple[Tensor | None, Tensor | None]:
+    """The affine parameters coef folds in: both per-channel ones, or none when the affine is per
+    sample (coef then only normalizes, xhat = y * zscale + zshift, and the per-sample affine
+    z = xhat * gamma[n] + beta[n] is applied beside it)."""
+    return (None, None) if _per_sample(gamma, beta) else (gamma, beta)
+
+
+def _sample_affine(gamma: Tensor | None, beta: Tensor | None, batch: int, channels: int,
+                   like: Tensor) -> Tensor | None:
+    """The per-sample affine for the kernels: (2, N, C) rows gamma, beta in coef's dtype
+    (per-channel or missing parameters broadcast), or None when the affine is per channel."""
+    if not _per_sample(gamma, beta):
+        return None
+    return torch.stack([_affine(p, fill, channels, like).expand(batch, channels)
+                        for p, fill in ((gamma, 1.0), (beta, 0.0))]).contiguous()
+
+
 def _affine(param: Tensor | None, fill: float, channels: int, like: Tensor) -> Tensor:
     acc = _acc(like.dtype)
     if param is not None:
@@ -152,17 +175,15 @@ def _batch_coef(y: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float
 
 def _bn_act_reference(y: Tensor, coef: Tensor, gamma: Tensor | None, beta: Tensor | None,
                       spec: _Spec) -> Tensor:
-    """act(BN(y)) in reference math, differentiable in y, gamma and beta; "eval" reads its
-    constant statistics from coef, "bias" adds beta (the conv bias)."""
+    """act(BN(y)) in reference math, differentiable in y, gamma and beta (per channel or per
+    sample); "eval" reads its constant statistics from coef, "bias" adds beta (the conv bias)."""
     if spec.mode == "train":
-        z = F.batch_norm(y, None, None, gamma, beta, True, 0.0, spec.eps)
-    else:
-        per_channel = (1, -1, 1, 1)
-        z = y if spec.mode == "bias" else (y - coef[2].to(y.dtype).view(per_channel)) * coef[3].to(y.dtype).view(per_channel)
-        if gamma is not None and spec.mode == "eval":
-            z = z * gamma.view(per_channel)
-        if beta is not None:
-            z = z + beta.view(per_channel)
+        return reference.bn_act(y, gamma, beta, None, None, training=True, momentum=0.0,
+                                eps=spec.eps, activation=spec.activation,
+                                negative_slope=spec.negative_slope)
+    per_channel = (1, -1, 1, 1)
+    z = y if spec.mode == "bias" else (y - coef[2].to(y.dtype).view(per_channel)) * coef[3].to(y.dtype).view(per_channel)
+    z = reference.affine(z, gamma if spec.mode == "eval" else None, beta)
     return reference.activate(z.to(y.dtype), spec.activation, spec.negative_slope)
 
 
@@ -221,7 +242,7 @@ def _forward_reference(x: Tensor, weight: Tensor | None, gamma: Tensor | None, b
     y = x if weight is None else _conv_torch(x, weight, spec)
     channels = y.shape[1]
     if spec.mode == "train":
-        coef, count, var = _batch_coef(y, gamma, beta, spec.eps, spec.group)
+        coef, count, var = _batch_coef(y, *_coef_affine(gamma, beta), spec.eps, spec.group)
         running = None
         if running_mean is not None:  # torch's batch_norm updates them in place: on copies
             running = torch.stack([running_mean.to(coef.dtype), running_var.to(coef.dtype)])
@@ -236,7 +257,7 @@ def _forward_reference(x: Tensor, weight: Tensor | None, gamma: Tensor | None, b
                                    momentum=spec.momentum, eps=spec.eps,
                                    activation=spec.activation, negative_slope=spec.negative_slope)
     else:
-        coef = _folded_coef(spec, gamma, beta, running_mean, running_var, channels, y)
+        coef = _folded_coef(spec, *_coef_affine(gamma, beta), running_mean, running_var, channels, y)
         out = _bn_act_reference(y, coef, gamma, beta, spec)
         running = None
     return out.contiguous(memory_format=_out_format(x)), _nhwc(y), coef, running
@@ -324,22 +345,34 @@ def _backward_reference(grad_out: Tensor, x: Tensor, weight: Tensor | None, y: T
         dy = zscale * dz                                  (eval, bias: constant statistics)
         dy = zscale * (dz - mean(dz) - xhat * mean(dz * xhat))   (train: batch statistics)
 
-    A synchronized BN takes those two means over every rank (when dx or dw is asked for).
+    A per-sample affine (coef normalizes only: zscale = rstd) sums dbeta and dgamma per sample,
+    over (h, w), and scales dz by gamma[n] before the same two lines (module docstring of
+    fastgen.kernels.conv_bn_act). A synchronized BN takes those two means over every rank (when
+    dx or dw is asked for).
     """
     acc = coef.dtype
     y = y.to(acc)
     zscale, zshift, mean, rstd = coef
     z = y * zscale + zshift
+    affine = _sample_affine(gamma, beta, y.shape[0], y.shape[-1], y)
+    if affine is not None:
+        gamma_n, beta_n = affine[:, :, None, None, :]  # (N, 1, 1, C) against NHWC
+        z = z * gamma_n + beta_n
     dz = _nhwc(grad_out).to(acc) * activations.ACTIVATIONS[spec.activation].grad(z, spec.negative_slope)
-    rows = tuple(range(dz.dim() - 1))
+    rows = tuple(range(dz.dim() - 1)) if affine is None else (1, 2)
     dbeta = dz.sum(rows)
     if spec.mode == "bias":
         dy, dgamma = dz, None
     else:
         xhat = (y - mean) * rstd
         dgamma = (dz * xhat).sum(rows)
+        if affine is not None:
+            dz = dz * gamma_n
         if spec.mode == "train":
-            sums = (dbeta, dgamma, dz.numel() // dz.shape[-1])
+            sums = (dbeta, dgamma)
+            if affine is not None:  # the per-channel sums of dz * gamma[n]
+                sums = ((dbeta * affine[0]).sum(0), (dgamma * affine[0]).sum(0))
+            sums = (*sums, dz.numel() // dz.shape[-1])
             if spec.group and (mask[0] or mask[1]):
                 sums = sync_bn.all_reduce_grad_sums(*sums, spec.group)
             dz = dz - (sums[0] + xhat * sums[1]) / sums[2]
@@ -363,8 +396,8 @@ def _backward_outputs(grads, x: Tensor, weight: Tensor | None, gamma: Tensor | N
             outs.append(empty(x))
         elif i == 0:
             outs.append(g.to(x.dtype).contiguous(memory_format=torch.channels_last))
-        else:
-            outs.append(g.to(t.dtype, copy=True).contiguous())
+        else:  # a per-sample gradient (N, C) of a per-channel parameter: summed over the samples
+            outs.append((g.sum(0) if g.dim() > t.dim() else g).to(t.dtype, copy=True).contiguous())
     return tuple(outs)
 
 
@@ -688,8 +721,13 @@ def _check_bn(x_name: str, x: Tensor, out_shape: tuple[int, ...], training: bool
               bn_weight: Tensor | None, bn_bias: Tensor | None, running_mean: Tensor | None,
               running_var: Tensor | None, momentum: float, eps: float) -> None:
     """BN checks shared by conv_bn_act and bn_act; ``out_shape`` is the BN input's shape."""
-    _checks.channel_vectors(out_shape[1], bn_weight=bn_weight, bn_bias=bn_bias,
-                            running_mean=running_mean, running_var=running_var)
+    _checks.channel_vectors(out_shape[1], running_mean=running_mean, running_var=running_var)
+    for name, param in (("bn_weight", bn_weight), ("bn_bias", bn_bias)):
+        if param is not None:
+            _checks.tensor(name, param)
+            if param.shape not in ((out_shape[1],), tuple(out_shape[:2])):
+                raise ValueError(f"{name}: expected shape ({out_shape[1]},) (per channel) or "
+                                 f"{tuple(out_shape[:2])} (per sample), got {tuple(param.shape)}")
     present = {x_name: x, **{name: v for name, v in (("bn_weight", bn_weight), ("bn_bias", bn_bias),
                ("running_mean", running_mean), ("running_var", running_var)) if v is not None}}
     _checks.same_device(**present)
