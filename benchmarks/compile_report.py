@@ -217,7 +217,8 @@ def _conv_launches(target: Target) -> Iterator[tuple[Launch, Tiles]]:
     gemm = {K._conv_gemm_kernel: (K.GEMM_TUNER, ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
                                   lambda kw: K.gemm_operand_tiles(kw["BN_GRAD"])),
             K._conv_wgrad_kernel: (K.WGRAD_TUNER, ("BLOCK_G", "BLOCK_D", "BLOCK_M"),
-                                   lambda kw: K.wgrad_operand_tiles(kw["BN_GRAD_G"]))}
+                                   lambda kw: K.wgrad_operand_tiles(
+                                       kw["BN_GRAD_G"], kw["BN_GRAD_G"] or kw["BN_GRAD_D"]))}
     for launch in launches:
         if launch.kernel in gemm:
             tuner, names, operand_tiles = gemm[launch.kernel]

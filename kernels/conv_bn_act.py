@@ -48,6 +48,13 @@ One reduction pass gives dbeta and dgamma; the input- and weight-gradient GEMMs 
 from (dL/dout, y) while they load their tiles, so dL/dy is never stored. All reductions are
 per-tile partials combined in a fixed order: reruns are bit-identical.
 
+Modulation (StyleGAN2, kernels/modconv.py): the GEMM may scale its A operand per sample and
+channel as it loads it, A[n, ..., ca] * mod[n, ca] (MODULATE), and its MODULATED epilogue computes
+
+    out = act(res * escale[n, cb] + bias[cb] + strength * noise[n, oh, ow]) * gain
+
+with per-sample, per-channel scales; the weight gradient scales both its operands the same way.
+
 Host wrappers take NHWC-contiguous activations and PyTorch's weight layouts and return NHWC
 tensors, except the activated outputs: (N, C, H, W) in the memory format asked for (the input's),
 written by the same store. They allocate every output and never write into their arguments;
@@ -97,7 +104,7 @@ MAX_PIXELS = 2**31 - 1
 # Coefficient rows (bn_combine_stats, bn_act_grad_coef): the first four are the forward's.
 ZSCALE, ZSHIFT, MEAN, RSTD, DBETA_MEAN, DGAMMA_MEAN, DGAMMA, DBETA = (tl.constexpr(i) for i in range(8))
 # GEMM epilogues.
-STORE, STATS, AFFINE = (tl.constexpr(i) for i in range(3))
+STORE, STATS, AFFINE, MODULATED = (tl.constexpr(i) for i in range(4))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,6 +171,16 @@ def _load_operand(ptr, pre_ptr, coef_ptr, offs, mask, chan, chan_ok, C, slope,
         g = _activate_backward(v.to(ACC), y * zscale + zshift, slope, ACT)
         dy = zscale * (g - dbeta_mean - (y - mean) * rstd * dgamma_mean)
         v = tl.where(mask, dy, 0.0).to(ptr.dtype.element_ty)
+    return v
+
+
+@triton.jit
+def _modulate(v, mod_ptr, sample, chan, mask, C, MODULATE: tl.constexpr, ACC: tl.constexpr):
+    """A GEMM operand tile v scaled per sample and channel (MODULATE): v * mod[sample, chan],
+    mod (N, C) in the accumulation dtype, ``sample`` and ``chan`` broadcastable to the tile."""
+    if MODULATE:
+        scale = tl.load(mod_ptr + sample * C + chan, mask=mask, other=0.0)
+        v = (v.to(ACC) * scale).to(v.dtype)
     return v
 
 
@@ -236,18 +253,24 @@ def _phase(a, S, P, K, HO, TRANSPOSED: tl.constexpr):
 
 @triton.jit
 def _conv_gemm_kernel(
-        a_ptr, pre_ptr, coef_ptr, w_ptr, y_ptr, out_ptr, epi_ptr, part_ptr,
-        N, H, W, C_a, HO, WO, C_b, KH, KW, S_H, S_W, P_H, P_W, out_sn, out_sw, out_sc, slope,
-        TRANSPOSED: tl.constexpr, BN_GRAD: tl.constexpr, EPILOGUE: tl.constexpr,
-        STORE_PRE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+        a_ptr, pre_ptr, coef_ptr, mod_ptr, w_ptr, y_ptr, out_ptr, epi_ptr, noise_ptr, strength_ptr,
+        part_ptr, N, H, W, C_a, HO, WO, C_b, KH, KW, S_H, S_W, P_H, P_W, out_sn, out_sw, out_sc,
+        slope, gain,
+        TRANSPOSED: tl.constexpr, BN_GRAD: tl.constexpr, MODULATE: tl.constexpr,
+        EPILOGUE: tl.constexpr, NOISE: tl.constexpr, STORE_PRE: tl.constexpr, ACT: tl.constexpr,
+        ACC: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """res[m, cb] = sum over taps and ca of A[gathered pixel, ca] * w[r, s, ca, cb].
 
-    A: (N, H, W, C_a), or dL/dy from (dL/dout = a, y = pre, coef) with BN_GRAD; w: (KH, KW, C_a,
-    C_b); the result covers (N, HO, WO, C_b), phase program_id(2) of it when TRANSPOSED.
+    A: (N, H, W, C_a), or dL/dy from (dL/dout = a, y = pre, coef) with BN_GRAD, times mod[n, ca]
+    with MODULATE; w: (KH, KW, C_a, C_b); the result covers (N, HO, WO, C_b), phase
+    program_id(2) of it when TRANSPOSED.
     EPILOGUE STORE: y = res. STATS: y = res and part = per-tile (count, mean, M2).
-    AFFINE: out = act(res * epi[0] + epi[1]) (and y = res with STORE_PRE). y is NHWC; out has
-    strides (out_sn, out_sw, out_sc) for (n, w, c) (h: out_sw * WO; NCHW or NHWC).
+    AFFINE: out = act(res * epi[0, cb] + epi[1, cb]) * gain.
+    MODULATED: out = act(res * epi[n, cb] + epi[N, cb] + strength * noise[n, oh, ow]) * gain
+    (noise (N, HO, WO) with NOISE, strength one element).
+    AFFINE and MODULATED store y = res too with STORE_PRE. y is NHWC; out has strides (out_sn,
+    out_sw, out_sc) for (n, w, c) (h: out_sw * WO; NCHW or NHWC).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -278,9 +301,10 @@ def _conv_gemm_kernel(
         w_tap = w_ptr + ((r0 + th * r_step) * KW + s0 + tw * s_step) * C_a * C_b
         k = (step - tap * k_blocks) * BLOCK_K + ks
         k_ok = k < C_a
-        a = _load_operand(a_ptr, pre_ptr, coef_ptr, a_row[:, None] + k[None, :],
-                          a_ok[:, None] & k_ok[None, :], k[None, :], k_ok[None, :], C_a,
-                          slope, BN_GRAD, ACT, ACC)
+        a_mask = a_ok[:, None] & k_ok[None, :]
+        a = _load_operand(a_ptr, pre_ptr, coef_ptr, a_row[:, None] + k[None, :], a_mask,
+                          k[None, :], k_ok[None, :], C_a, slope, BN_GRAD, ACT, ACC)
+        a = _modulate(a, mod_ptr, n[:, None], k[None, :], a_mask, C_a, MODULATE, ACC)
         w = tl.load(w_tap + k[:, None] * C_b + cols[None, :],
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
@@ -289,13 +313,21 @@ def _conv_gemm_kernel(
     ow = o0_w + jw * out_step_w
     offs = ((n * HO + oh) * WO + ow).to(tl.int64)[:, None] * C_b + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
-    if EPILOGUE == AFFINE:
-        zscale = tl.load(epi_ptr + cols, mask=col_ok, other=0.0)
-        zshift = tl.load(epi_ptr + C_b + cols, mask=col_ok, other=0.0)
-        out = _activate(acc * zscale[None, :] + zshift[None, :], slope, ACT)
+    if EPILOGUE == AFFINE or EPILOGUE == MODULATED:
+        if EPILOGUE == AFFINE:
+            z = (acc * tl.load(epi_ptr + cols, mask=col_ok, other=0.0)[None, :]
+                 + tl.load(epi_ptr + C_b + cols, mask=col_ok, other=0.0)[None, :])
+        else:
+            escale = tl.load(epi_ptr + n[:, None] * C_b + cols[None, :], mask=mask, other=0.0)
+            z = acc * escale + tl.load(epi_ptr + N * C_b + cols, mask=col_ok, other=0.0)[None, :]
+            if NOISE:
+                noise = tl.load(noise_ptr + (n.to(tl.int64) * HO + oh) * WO + ow, mask=row_ok,
+                                other=0.0).to(ACC)
+                z += tl.load(strength_ptr).to(ACC) * noise[:, None]
+        out = _activate(z, slope, ACT) * gain
         out_offs = (n.to(tl.int64) * out_sn + (oh * WO + ow) * out_sw)[:, None] + cols[None, :] * out_sc
         tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)
-    if EPILOGUE != AFFINE or STORE_PRE:
+    if (EPILOGUE != AFFINE and EPILOGUE != MODULATED) or STORE_PRE:
         tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
     if EPILOGUE == STATS:
         _store_tile_stats(acc, row_ok, part_ptr, phase * tl.num_programs(0) + pid_m,
@@ -304,16 +336,17 @@ def _conv_gemm_kernel(
 
 @triton.jit
 def _conv_wgrad_kernel(
-        g_ptr, d_ptr, pre_ptr, coef_ptr, part_ptr,
+        g_ptr, d_ptr, pre_ptr, coef_ptr, mod_g_ptr, mod_d_ptr, part_ptr,
         N, HG, WG, C_g, HD, WD, C_d, KH, KW, S_H, S_W, P_H, P_W, rows_per_split, slope,
-        BN_GRAD_G: tl.constexpr, BN_GRAD_D: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
-        PRECISION: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_M: tl.constexpr):
+        BN_GRAD_G: tl.constexpr, BN_GRAD_D: tl.constexpr, MODULATE: tl.constexpr,
+        ACT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_G: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """part[split, r, s, cg, cd] = sum over this split's pixels m of D of
     G[n, oh*S - P + r, ow*S - P + s, cg] * D[m, cd].
 
     G: (N, HG, WG, C_g); D: (N, HD, WD, C_d). The one operand that is dL/dy (BN_GRAD_G or
-    BN_GRAD_D) is computed from dL/dout at that pointer and y = pre with coef.
+    BN_GRAD_D) is computed from dL/dout at that pointer and y = pre with coef. With MODULATE
+    both are scaled per sample and channel: G by mod_g (N, C_g), D by mod_d (N, C_d).
     """
     tiles_g = tl.cdiv(C_g, BLOCK_G)
     tap = tl.program_id(0) // tiles_g
@@ -333,12 +366,14 @@ def _conv_wgrad_kernel(
         n, oh, ow, _ = _split_rows(rows, N, HD, WD)
         row_ok = rows < m_end
         g_row, g_ok = _gather_rows(n, oh * S_H - P_H + r, ow * S_W - P_W + s, HG, WG, C_g, row_ok)
-        g_t = _load_operand(g_ptr, pre_ptr, coef_ptr, cg[:, None] + g_row[None, :],
-                            cg_ok[:, None] & g_ok[None, :], cg[:, None], cg_ok[:, None], C_g, slope,
-                            BN_GRAD_G, ACT, ACC)
+        g_mask = cg_ok[:, None] & g_ok[None, :]
+        g_t = _load_operand(g_ptr, pre_ptr, coef_ptr, cg[:, None] + g_row[None, :], g_mask,
+                            cg[:, None], cg_ok[:, None], C_g, slope, BN_GRAD_G, ACT, ACC)
+        g_t = _modulate(g_t, mod_g_ptr, n[None, :], cg[:, None], g_mask, C_g, MODULATE, ACC)
+        d_mask = row_ok[:, None] & cd_ok[None, :]
         d = _load_operand(d_ptr, pre_ptr, coef_ptr, rows.to(tl.int64)[:, None] * C_d + cd[None, :],
-                          row_ok[:, None] & cd_ok[None, :], cd[None, :], cd_ok[None, :], C_d, slope,
-                          BN_GRAD_D, ACT, ACC)
+                          d_mask, cd[None, :], cd_ok[None, :], C_d, slope, BN_GRAD_D, ACT, ACC)
+        d = _modulate(d, mod_d_ptr, n[:, None], cd[None, :], d_mask, C_d, MODULATE, ACC)
         acc = tl.dot(g_t, d, acc, input_precision=PRECISION)
 
     offs = ((split.to(tl.int64) * KH * KW + tap) * C_g + cg)[:, None] * C_d
@@ -509,8 +544,11 @@ def gemm_operand_tiles(bn_grad: bool) -> tuple[int, int]:
     return (2, 1) if bn_grad else (1, 1)
 
 
-def wgrad_operand_tiles(transposed: bool) -> tuple[int, int]:
-    """Tiles the weight gradient loads per step for (G, D): the one that is dL/dy takes two."""
+def wgrad_operand_tiles(transposed: bool, bn_grad: bool) -> tuple[int, int]:
+    """Tiles the weight gradient loads per step for (G, D): with ``bn_grad`` the one that is
+    dL/dy (D for a conv, G transposed) takes two."""
+    if not bn_grad:
+        return (1, 1)
     return (2, 1) if transposed else (1, 2)
 
 
@@ -555,12 +593,18 @@ def _activation_output(n: int, c: int, hw: tuple[int, int], dtype: torch.dtype,
 def _conv_gemm(a: torch.Tensor, weight: torch.Tensor, out_hw: tuple[int, int],
                stride: tuple[int, int], padding: tuple[int, int], transposed: bool, epilogue: int,
                *, pre: torch.Tensor | None = None, coef: torch.Tensor | None = None,
-               activation: int = 0, negative_slope: float = 0.0, store_pre: bool = False,
-               channels_last: bool = True):
-    """Launch _conv_gemm_kernel with ``epilogue`` (STORE/STATS/AFFINE .value). ``weight`` is in
-    PyTorch's layout for a conv (transposed False) or a transposed conv (True); A is (N, H, W, C_a).
-    Returns (y, out, partials), None where the epilogue writes nothing there: y (N, HO, WO, C_b),
-    out (N, C_b, HO, WO) channels_last or contiguous."""
+               modulation: torch.Tensor | None = None, epi: torch.Tensor | None = None,
+               noise: torch.Tensor | None = None, noise_strength: torch.Tensor | None = None,
+               activation: int = 0, negative_slope: float = 0.0, gain: float = 1.0,
+               store_pre: bool = False, channels_last: bool = True):
+    """Launch _conv_gemm_kernel with ``epilogue`` (STORE/STATS/AFFINE/MODULATED .value).
+    ``weight`` is in PyTorch's layout for a conv (transposed False) or a transposed conv (True);
+    A is (N, H, W, C_a), dL/dy from (dL/dout = a, y = pre, coef) when ``pre`` is given, scaled by
+    ``modulation`` (N, C_a) when given. ``epi``: AFFINE's (2, C_b) rows zscale, zshift, or
+    MODULATED's (N + 1, C_b) per-sample scales then the bias row; ``noise`` (N, HO, WO) and the
+    one-element ``noise_strength`` for MODULATED. Returns (y, out, partials), None where the
+    epilogue writes nothing there: y (N, HO, WO, C_b), out (N, C_b, HO, WO) channels_last or
+    contiguous."""
     N, H, W, C_a = a.shape
     HO, WO = out_hw
     _check_pixels(input=N * H * W, output=N * HO * WO)
@@ -572,10 +616,11 @@ def _conv_gemm(a: torch.Tensor, weight: torch.Tensor, out_hw: tuple[int, int],
     n_phases = stride[0] * stride[1] if transposed else 1
     sample_rows = triton.cdiv(HO, stride[0]) * triton.cdiv(WO, stride[1]) if transposed else HO * WO
     phase_rows = N * sample_rows
-    store_y = epilogue != AFFINE.value or store_pre
-    y = torch.empty((N, HO, WO, C_b), dtype=a.dtype, device=a.device) if store_y else None
+    activated = epilogue in (AFFINE.value, MODULATED.value)
+    y = (torch.empty((N, HO, WO, C_b), dtype=a.dtype, device=a.device)
+         if store_pre or not activated else None)
     out, out_strides = None, (0, 0, 0)
-    if epilogue == AFFINE.value:
+    if activated:
         out, out_strides = _activation_output(N, C_b, out_hw, a.dtype, a.device, channels_last)
     dummy = a  # pointer arguments the chosen constexpr branches never touch
 
@@ -588,19 +633,19 @@ def _conv_gemm(a: torch.Tensor, weight: torch.Tensor, out_hw: tuple[int, int],
         part = (torch.empty((3, grid[0] * n_phases, C_b), dtype=acc, device=a.device)
                 if epilogue == STATS.value else None)
         _conv_gemm_kernel[grid](
-            a, dummy if pre is None else pre, dummy if coef is None else coef, taps,
-            dummy if y is None else y, dummy if out is None else out,
-            dummy if coef is None else coef, dummy if part is None else part,
+            a, *(dummy if t is None else t for t in (pre, coef, modulation)), taps,
+            *(dummy if t is None else t for t in (y, out, epi, noise, noise_strength, part)),
             N, H, W, C_a, HO, WO, C_b, KH, KW, stride[0], stride[1], padding[0], padding[1],
-            *out_strides, negative_slope,
-            TRANSPOSED=transposed, BN_GRAD=pre is not None, EPILOGUE=epilogue, STORE_PRE=store_pre,
+            *out_strides, negative_slope, gain,
+            TRANSPOSED=transposed, BN_GRAD=pre is not None, MODULATE=modulation is not None,
+            EPILOGUE=epilogue, NOISE=noise is not None, STORE_PRE=store_pre,
             ACT=activation, ACC=tl_acc_dtype(acc), PRECISION=precision,
             BLOCK_M=config.m, BLOCK_N=config.n, BLOCK_K=config.k, num_warps=config.num_warps,
             num_stages=config.num_stages)
         return part
 
     key = (batch_bucket(N), H, W, C_a, out_hw, C_b, KH, KW, stride, padding, transposed, epilogue,
-           pre is not None, store_pre, a.dtype, precision)
+           pre is not None, modulation is not None, noise is not None, store_pre, a.dtype, precision)
     # With BN_GRAD each step loads two A tiles (dL/dout and y) into the pipeline.
     part = GEMM_TUNER.run(key, a.device, fit, launch, a.dtype, gemm_operand_tiles(pre is not None))
     return y, out, part
@@ -638,7 +683,7 @@ def conv_affine_act_forward(x: torch.Tensor, weight: torch.Tensor, out_hw: tuple
     Returns:
         out: (N, C_out, Ho, Wo); y or None: (N, Ho, Wo, C_out); both in x's dtype.
     """
-    y, out, _ = _conv_gemm(x, weight, out_hw, stride, padding, transposed, AFFINE.value, coef=coef,
+    y, out, _ = _conv_gemm(x, weight, out_hw, stride, padding, transposed, AFFINE.value, epi=coef,
                            activation=activation, negative_slope=negative_slope,
                            store_pre=store_pre, channels_last=channels_last)
     return out, y
@@ -672,9 +717,24 @@ def conv_weight_grad(x: torch.Tensor, dout: torch.Tensor, y: torch.Tensor, coef:
         x: (N, H, W, C_in) the forward input; dout, y: (N, Ho, Wo, C_out); coef: (8, C_out).
         weight_shape: the weight's shape; dtype: the result's dtype.
     """
+    return _conv_wgrad(x, dout, weight_shape, stride, padding, transposed, dtype, pre=y, coef=coef,
+                       activation=activation, negative_slope=negative_slope)
+
+
+def _conv_wgrad(x: torch.Tensor, dout: torch.Tensor, weight_shape: torch.Size,
+                stride: tuple[int, int], padding: tuple[int, int], transposed: bool,
+                dtype: torch.dtype, *, pre: torch.Tensor | None = None,
+                coef: torch.Tensor | None = None, activation: int = 0, negative_slope: float = 0.0,
+                modulation: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Launch _conv_wgrad_kernel: dL/dweight in PyTorch's layout for x (N, H, W, C_in) and the
+    output gradient ``dout`` (N, Ho, Wo, C_out): dL/dy computed from (dout, y = pre, coef) when
+    ``pre`` is given, or ``dout`` as it is; ``modulation`` (x_scale (N, C_in), dout_scale
+    (N, C_out)) scales both operands per sample and channel."""
     KH, KW = weight_shape[2:]
     # conv: G = x gathered, D = dL/dy; transposed: G = dL/dy gathered, D = x (module docstring)
     g, d = (dout, x) if transposed else (x, dout)
+    mod_g, mod_d = (None, None) if modulation is None else (
+        modulation[::-1] if transposed else modulation)
     N, HG, WG, C_g = g.shape
     _, HD, WD, C_d = d.shape
     _check_pixels(x=x.numel() // x.shape[-1], dout=dout.numel() // dout.shape[-1])
@@ -694,16 +754,19 @@ def conv_weight_grad(x: torch.Tensor, dout: torch.Tensor, y: torch.Tensor, coef:
         part = torch.empty((split, KH, KW, C_g, C_d), dtype=acc, device=x.device)
         grid = (KH * KW * triton.cdiv(C_g, config.m), triton.cdiv(C_d, config.n), split)
         _conv_wgrad_kernel[grid](
-            g, d, y, coef, part, N, HG, WG, C_g, HD, WD, C_d, KH, KW, stride[0], stride[1],
+            g, d, *(g if t is None else t for t in (pre, coef, mod_g, mod_d)), part,
+            N, HG, WG, C_g, HD, WD, C_d, KH, KW, stride[0], stride[1],
             padding[0], padding[1], rows_per_split, negative_slope,
-            BN_GRAD_G=transposed, BN_GRAD_D=not transposed, ACT=activation,
+            BN_GRAD_G=pre is not None and transposed, BN_GRAD_D=pre is not None and not transposed,
+            MODULATE=modulation is not None, ACT=activation,
             ACC=tl_acc_dtype(acc), PRECISION=precision, BLOCK_G=config.m, BLOCK_D=config.n,
             BLOCK_M=config.k, num_warps=config.num_warps, num_stages=config.num_stages)
         return part
 
     key = (batch_bucket(N), g.shape[1:], d.shape[1:], KH, KW, stride, padding, transposed, x.dtype,
-           precision)
-    part = WGRAD_TUNER.run(key, x.device, fit, launch, x.dtype, wgrad_operand_tiles(transposed))
+           precision, pre is not None, modulation is not None)
+    part = WGRAD_TUNER.run(key, x.device, fit, launch, x.dtype,
+                           wgrad_operand_tiles(transposed, pre is not None))
     split = part.shape[0]
     # A fixed-order sum over the splits keeps the result deterministic.
     dw = part[0] if split == 1 else part.sum(0)

@@ -19,9 +19,9 @@ from torch import Tensor
 from fastgen import backend
 
 if backend.triton_available():
-    from fastgen.kernels import bce, conv_bn_act, reparam
+    from fastgen.kernels import bce, conv_bn_act, modconv, reparam
 else:  # fastgen imports and trains without triton: the reference path only
-    bce = conv_bn_act = reparam = None
+    bce = conv_bn_act = modconv = reparam = None
 
 
 def empty(like: Tensor) -> Tensor:

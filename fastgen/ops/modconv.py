@@ -187,12 +187,16 @@ def _backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor, styles: Tensor
     dz, ddemod, dbias, dz_pixels = kernels.epilogue_grads(
         _nhwc(grad_out.to(x.dtype)), y, demod, noise, noise_strength, bias, spec.act_code,
         spec.negative_slope, spec.gain)
-    dx, dstyles = kernels.modconv_input_grad(dz, _nhwc(x), weight, styles, demod, spec.padding,
-                                             spec.up)
-    dweight = (kernels.modconv_weight_grad(_nhwc(x), dz, styles, demod, weight.shape, spec.padding,
-                                           spec.up) if mask[1] else None)
-    return (_nchw_view(dx), dweight, dstyles, *_noise_grads(dz_pixels, noise, noise_strength, mask),
-            dbias, ddemod)
+    x_nhwc = _nhwc(x)
+    dx = dstyles = dweight = None
+    if mask[0] or mask[2]:
+        dx, dstyles = kernels.modconv_input_grad(dz, x_nhwc, weight, styles, demod, spec.padding,
+                                                 spec.up)
+    if mask[1]:
+        dweight = kernels.modconv_weight_grad(x_nhwc, dz, styles, demod, weight.shape,
+                                              spec.padding, spec.up, weight.dtype)
+    return (dx, dweight, dstyles, *_noise_grads(dz_pixels, noise, noise_strength, mask), dbias,
+            ddemod)
 
 
 def _noise_grads(dz_pixels: Tensor, noise: Tensor | None, noise_strength: Tensor | None,
@@ -208,15 +212,17 @@ def _noise_grads(dz_pixels: Tensor, noise: Tensor | None, noise_strength: Tensor
     return dnoise, dstrength
 
 
-def _add_demodulation_grads(dweight: Tensor | None, dstyles: Tensor, ddemod: Tensor,
+def _add_demodulation_grads(dweight: Tensor | None, dstyles: Tensor | None, ddemod: Tensor,
                             weight: Tensor, styles: Tensor, demod: Tensor
-                            ) -> tuple[Tensor | None, Tensor]:
-    """The demodulation chain (module docstring), in torch: small (B, C_out, C_in) contractions."""
+                            ) -> tuple[Tensor | None, Tensor | None]:
+    """The demodulation chain (module docstring), in torch: small (B, C_out, C_in) contractions;
+    a gradient that is None stays None."""
     acc = demod.dtype
     e = -0.5 * demod.pow(3) * ddemod
     w = weight.to(acc)
     s = styles.to(acc)
-    dstyles = dstyles.to(acc) + 2.0 * s * (e @ w.square().sum((2, 3)))
+    if dstyles is not None:
+        dstyles = dstyles.to(acc) + 2.0 * s * (e @ w.square().sum((2, 3)))
     if dweight is not None:
         dweight = dweight.to(acc) + 2.0 * w * (e.t() @ s.square())[:, :, None, None]
     return dweight, dstyles
