@@ -28,7 +28,7 @@ from fastgen.profile import profile_trainer, write_summary
 from fastgen.train import distributed
 from fastgen.train.checkpoint import CheckpointError
 from fastgen.train.config import ARCHS, DEFAULTS, DEVICES, LIKELIHOODS, MODELS, RESUME_OPTIONS, TrainConfig
-from fastgen.train.factory import MNIST_CLASSES, resolve_device
+from fastgen.train.factory import CONDITIONAL_MODELS, MNIST_CLASSES, resolve_device
 from fastgen.train.inference import CHECKPOINT_FILE, evaluate, generate, load_run, save_sample_picture
 from fastgen.train.trainer import NonFiniteLossError, Trainer
 
@@ -37,6 +37,8 @@ __all__ = ["main"]
 _MODEL_HELP = {
     "gan": "DCGAN on Fashion-MNIST (the default: python -m fastgen train)",
     "cgan": "class-conditional DCGAN (projection discriminator or ACGAN)",
+    "stylegan": "StyleGAN2-small on Fashion-MNIST: mapping network, modulated convs, style mixing, lazy R1",
+    "biggan": "BigGAN-small, class-conditional: conditional BN, projection D, spectral norm, orthogonal reg.",
     "ae": "auto-encoder on Fashion-MNIST",
     "vae": "variational auto-encoder on Fashion-MNIST",
     "gan2d": "MLP GAN on a 2D Gaussian mixture (ring8 or grid25)",
@@ -84,6 +86,16 @@ def _labels(text: str) -> list[int]:
     return labels
 
 
+def _psi(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
 # name -> (argparse keyword arguments, help), in --help order. Each model's parser takes those in its DEFAULTS.
 _TRAIN_OPTIONS: dict[str, tuple[dict[str, Any], str]] = {
     "data_dir": ({"metavar": "DIR"}, f"directory of MNIST-family IDX files, raw or .gz (default: "
@@ -97,12 +109,18 @@ _TRAIN_OPTIONS: dict[str, tuple[dict[str, Any], str]] = {
     "n_critic": ({"type": _positive_int, "metavar": "K"}, "discriminator updates per generator update"),
     "gp_weight": ({"type": float, "metavar": "W"}, "gradient-penalty weight (loss wgan_gp)"),
     "r1_gamma": ({"type": float, "metavar": "G"}, "R1 penalty gamma on real data (0: off)"),
+    "r1_every": ({"type": _positive_int, "metavar": "N"},
+                 "lazy R1: the penalty every N steps, weighted by N (StyleGAN2)"),
+    "ortho_reg": ({"type": float, "metavar": "BETA"}, "orthogonal regularization of the generator (0: off)"),
     "spectral_norm": ({"action": argparse.BooleanOptionalAction}, "spectral norm on the discriminator"),
     "conditioning": ({"choices": CONDITIONINGS[1:]}, "how the discriminator sees the class"),
-    "width": ({"type": _positive_int, "metavar": "W"}, "DCGAN width (channels of the outermost layers)"),
+    "width": ({"type": _positive_int, "metavar": "W"},
+              "model width (DCGAN, StyleGAN2: channels of the outermost layers; BigGAN: of every block)"),
     "latent_size": ({"type": _positive_int, "metavar": "Z"}, "latent dimension"),
     "hidden": ({"type": _positive_int, "metavar": "H"}, "hidden units per layer"),
     "depth": ({"type": _positive_int, "metavar": "L"}, "hidden layers of the MLPs"),
+    "mapping_layers": ({"type": _positive_int, "metavar": "L"}, "dense layers of the mapping network z -> w"),
+    "style_mixing": ({"type": float, "metavar": "P"}, "probability of style mixing per training batch"),
     "arch": ({"choices": ARCHS}, "encoder/decoder architecture"),
     "likelihood": ({"choices": LIKELIHOODS}, "decoder likelihood (images in [0, 1])"),
     "beta": ({"type": float, "metavar": "B"}, "weight of the KL term (beta-VAE)"),
@@ -202,15 +220,19 @@ def _build_parser() -> _Parser:
 
     sample = commands.add_parser("sample", help="draw samples from a checkpoint",
                                  description="Write a PNG grid of samples (or raw samples with --out X.npy) "
-                                             "from a GAN, cgan, VAE or gan2d checkpoint.")
+                                             "from a GAN, cgan, stylegan, biggan, VAE or gan2d checkpoint.")
     sample.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file or run directory")
     sample.add_argument("--out", default="samples.png", metavar="PATH",
                         help="output: .png picture, or .npy for the raw samples as a float32 array (N, ...): "
                              "images in [-1, 1] (GAN) or [0, 1] (VAE), points for gan2d (default: samples.png)")
     sample.add_argument("--num", type=_positive_int, metavar="N",
-                        help="number of samples (default: 64; 2500 for gan2d); cgan: samples per class (default 8)")
+                        help="number of samples (default: 64; 2500 for gan2d); cgan, biggan: samples per class "
+                             "(default 8)")
     sample.add_argument("--labels", type=_labels, metavar="L[,L...]",
-                        help="cgan: the classes to draw, one row each (default: all ten)")
+                        help="cgan, biggan: the classes to draw, one row each (default: all ten)")
+    sample.add_argument("--truncation", type=_psi, default=1.0, metavar="PSI",
+                        help="stylegan: the truncation trick, w pulled toward the mean w by psi in [0, 1] "
+                             "(1: none; 0.7 trades variety for quality) (default: 1)")
     sample.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default: 0)")
     sample.add_argument("--device", choices=DEVICES, default="auto", help="(default: auto)")
 
@@ -219,7 +241,8 @@ def _build_parser() -> _Parser:
                                                 "fraction and reverse KL of 2500 samples (gan2d); FD, KID, "
                                                 "precision, recall, density, coverage in the shipped classifier's "
                                                 "features against the test split, with the train split's values "
-                                                "as floors, and label fidelity and per-class FD (gan, cgan); "
+                                                "as floors (gan, cgan, stylegan, biggan), with label fidelity and "
+                                                "per-class FD for the conditional cgan and biggan; "
                                                 "test-split loss, reconstruction MSE beside PCA's (ae); ELBO, IWAE "
                                                 "bound and importance-sampled NLL beside a Gaussian mixture's "
                                                 "(vae). Every number stands beside its floor or baseline and is "
@@ -332,19 +355,25 @@ def _sample(args: argparse.Namespace) -> int:
         raise ValueError(f"model: {args.checkpoint} is an auto-encoder, which has no prior to sample from; "
                          "train a vae to sample")
     labels = None
-    if config.model == "cgan":
+    if config.model in CONDITIONAL_MODELS:
         classes = args.labels or list(range(MNIST_CLASSES))
         labels = torch.tensor(classes).repeat_interleave(args.num or 8)
     elif args.labels is not None:
-        raise ValueError(f"labels: only a cgan takes class labels, {args.checkpoint} is a {config.model} run")
+        raise ValueError(f"labels: only a {' or '.join(CONDITIONAL_MODELS)} takes class labels, {args.checkpoint} "
+                         f"is a {config.model} run")
+    if args.truncation != 1.0 and config.model != "stylegan":
+        raise ValueError(f"truncation: only a stylegan samples with truncation, {args.checkpoint} is a "
+                         f"{config.model} run")
     out = Path(args.out)
     if out.suffix == ".npy":
         default_num = 2500 if config.model == "gan2d" else 64
         n = len(labels) if labels is not None else (args.num or default_num)
-        np.save(out, generate(config, models, n, labels=labels, seed=args.seed).cpu().numpy())
+        np.save(out, generate(config, models, n, labels=labels, seed=args.seed,
+                              truncation=args.truncation).cpu().numpy())
     elif out.suffix == ".png":
         nrow = (args.num or 8) if labels is not None else 8
-        save_sample_picture(config, models, out, seed=args.seed, n=args.num, labels=labels, nrow=nrow)
+        save_sample_picture(config, models, out, seed=args.seed, n=args.num, labels=labels, nrow=nrow,
+                            truncation=args.truncation)
     else:
         raise ValueError(f"out: expected a .png or .npy path, got {args.out!r}")
     print(out)

@@ -19,7 +19,7 @@ from fastgen.models.losses import GAN_LOSSES
 
 __all__ = ["MODELS", "TrainConfig", "RESUME_OPTIONS", "RECORDED"]
 
-MODELS = ("gan", "cgan", "ae", "vae", "gan2d")
+MODELS = ("gan", "cgan", "stylegan", "biggan", "ae", "vae", "gan2d")
 DEVICES = ("auto", "cpu", "cuda")
 ARCHS = ("mlp", "conv")
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -31,12 +31,24 @@ _GAN = dict(_RUN, data_dir=None, image_size=32, steps=2500, batch_size=64, width
             loss="non_saturating", label_smoothing=0.0, n_critic=1, gp_weight=10.0, r1_gamma=0.0,
             spectral_norm=False, lr_g=2e-4, lr_d=2e-4, beta1=0.5, beta2=0.999, ema=0.999,
             sample_every=500, checkpoint_every=500)
+# StyleGAN2-small: StyleGAN2's objective (non-saturating, lazy R1 every 16 steps, Adam lr 0.0025
+# with betas (0, 0.99)) at a width that trains on a CPU.
+_STYLEGAN = dict(_RUN, data_dir=None, image_size=32, steps=3000, batch_size=32, width=16, latent_size=64,
+                 mapping_layers=4, style_mixing=0.9, loss="non_saturating", label_smoothing=0.0, n_critic=1,
+                 gp_weight=10.0, r1_gamma=0.1, r1_every=16, lr_g=2.5e-3, lr_d=2.5e-3, beta1=0.0, beta2=0.99,
+                 ema=0.999, sample_every=500, checkpoint_every=500)
+# BigGAN-small: hinge loss, spectral norm in G and D, orthogonal regularization of G, Adam betas
+# (0, 0.999) as BigGAN.
+_BIGGAN = dict(_GAN, latent_size=64, loss="hinge", spectral_norm=True, ortho_reg=1e-4, lr_g=2e-4, lr_d=2e-4,
+               beta1=0.0, beta2=0.999)
 _AE = dict(_RUN, data_dir=None, image_size=28, steps=3000, batch_size=128, latent_size=16, arch="mlp",
            likelihood="bernoulli", hidden=None, lr=1e-3, beta1=0.9, beta2=0.999, sample_every=1000,
            checkpoint_every=1000)
 DEFAULTS: dict[str, dict[str, Any]] = {
     "gan": _GAN,
     "cgan": dict(_GAN, conditioning="projection"),
+    "stylegan": _STYLEGAN,
+    "biggan": _BIGGAN,
     # Tuned on grid25 (3 seeds: 25/25 modes, 80-90% high quality): a wide batch, a high learning
     # rate, Adam betas (0, 0.99) and R1 as in StyleGAN2, and a short EMA make the clusters sharp.
     "gan2d": dict(_RUN, mixture="grid25", steps=6000, batch_size=1024, latent_size=16, hidden=64, depth=3,
@@ -87,6 +99,8 @@ class TrainConfig:
     latent_size: int | None = None
     hidden: int | list[int] | None = None  # gan2d: units per layer; ae/vae: widths per layer
     depth: int | None = None
+    mapping_layers: int | None = None  # stylegan
+    style_mixing: float | None = None  # stylegan: probability per batch
     conditioning: str | None = None
     spectral_norm: bool | None = None
     arch: str | None = None
@@ -98,6 +112,8 @@ class TrainConfig:
     n_critic: int | None = None
     gp_weight: float | None = None
     r1_gamma: float | None = None
+    r1_every: int | None = None  # stylegan: lazy R1
+    ortho_reg: float | None = None  # biggan: orthogonal regularization of G
     lr: float | None = None
     lr_g: float | None = None
     lr_d: float | None = None
@@ -139,7 +155,7 @@ class TrainConfig:
             if field.name not in ("model", *RECORDED) and field.name not in applies and value is not None:
                 raise ValueError(f"{field.name}: not an option of model {self.model!r}")
         _positive_ints(self, "steps", "batch_size", "log_every", "sample_every", "checkpoint_every", "width",
-                       "latent_size", "depth", "n_critic", "world_size")
+                       "latent_size", "depth", "n_critic", "world_size", "mapping_layers", "r1_every")
         if self.dist_backend is not None and not isinstance(self.dist_backend, str):
             raise ValueError(f"dist_backend: expected a backend name or None, got {self.dist_backend!r}")
         if self.model == "gan2d":
@@ -167,7 +183,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name}: expected a positive number, got {value!r}")
-        for name in ("gp_weight", "r1_gamma"):
+        for name in ("gp_weight", "r1_gamma", "ortho_reg"):
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
@@ -175,6 +191,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value < 1:
                 raise ValueError(f"{name}: expected a number in [0, 1), got {value!r}")
+        if self.style_mixing is not None and not 0 <= self.style_mixing <= 1:
+            raise ValueError(f"style_mixing: expected a probability in [0, 1], got {self.style_mixing!r}")
         if self.label_smoothing and self.loss not in ("non_saturating", "minimax"):
             raise ValueError(f"label_smoothing: only the non_saturating and minimax losses take it, "
                              f"got {self.label_smoothing} with loss {self.loss!r}")

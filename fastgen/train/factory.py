@@ -10,14 +10,19 @@ from torch import Tensor, nn
 
 from fastgen.data import load_mnist_family, mixture2d
 from fastgen.models import VAE, AutoEncoder
+from fastgen.models.biggan import BigGANDiscriminator, BigGANGenerator
 from fastgen.models.gan import DCGANDiscriminator, DCGANGenerator, MLPDiscriminator, MLPGenerator
+from fastgen.models.stylegan import StyleGAN2Discriminator, StyleGAN2Generator
 from fastgen.train.config import TrainConfig
 
-__all__ = ["GAN_MODELS", "IMAGE_MODELS", "Dataset", "resolve_device", "load_dataset", "build_models",
+__all__ = ["GAN_MODELS", "IMAGE_MODELS", "IMAGE_GAN_MODELS", "CONDITIONAL_MODELS", "Dataset", "resolve_device", "load_dataset", "build_models",
            "generator_for_sampling", "MIXTURE_TRAIN_SIZE"]
 
-GAN_MODELS = ("gan", "cgan", "gan2d")
-IMAGE_MODELS = ("gan", "cgan", "ae", "vae")
+GAN_MODELS = ("gan", "cgan", "stylegan", "biggan", "gan2d")
+IMAGE_GAN_MODELS = ("gan", "cgan", "stylegan", "biggan")
+IMAGE_MODELS = IMAGE_GAN_MODELS + ("ae", "vae")
+#: The GANs whose generator and discriminator take class labels.
+CONDITIONAL_MODELS = ("cgan", "biggan")
 #: The MNIST family (Fashion-MNIST, MNIST, KMNIST): grey images, ten classes.
 MNIST_CHANNELS, MNIST_CLASSES = 1, 10
 #: Points drawn once from a 2D mixture to form gan2d's training set.
@@ -86,6 +91,16 @@ def build_models(config: TrainConfig, device: torch.device) -> dict[str, nn.Modu
             conditioning=config.conditioning or "none", batch_norm=_discriminator_batch_norm(config),
             spectral_norm=config.spectral_norm)
         models = {"generator": generator, "discriminator": discriminator}
+    elif config.model == "stylegan":
+        models = {"generator": StyleGAN2Generator(config.latent_size, MNIST_CHANNELS, config.image_size, config.width,
+                                                  mapping_layers=config.mapping_layers,
+                                                  style_mixing=config.style_mixing),
+                  "discriminator": StyleGAN2Discriminator(MNIST_CHANNELS, config.image_size, config.width)}
+    elif config.model == "biggan":
+        models = {"generator": BigGANGenerator(config.latent_size, MNIST_CLASSES, MNIST_CHANNELS, config.image_size,
+                                               config.width, spectral_norm=config.spectral_norm),
+                  "discriminator": BigGANDiscriminator(MNIST_CHANNELS, config.image_size, config.width, MNIST_CLASSES,
+                                                       spectral_norm=config.spectral_norm)}
     else:
         size = config.image_size
         options = {"arch": config.arch, "likelihood": config.likelihood}

@@ -20,8 +20,8 @@ from fastgen.metrics import (bits_per_dim, density_coverage, evaluate_mixture, f
 from fastgen.models.gmm import GaussianMixture
 from fastgen.train.checkpoint import CheckpointError, load_checkpoint
 from fastgen.train.config import TrainConfig
-from fastgen.train.factory import (MNIST_CLASSES, Dataset, build_models, generator_for_sampling, load_dataset,
-                                   resolve_device)
+from fastgen.train.factory import (CONDITIONAL_MODELS, IMAGE_GAN_MODELS, MNIST_CLASSES, Dataset, build_models,
+                                   generator_for_sampling, load_dataset, resolve_device)
 from fastgen.train.images import save_image_grid, save_scatter
 
 __all__ = ["CHECKPOINT_FILE", "checkpoint_path", "fixed_rng", "load_run", "generate", "reconstruct",
@@ -41,7 +41,8 @@ NLL_SAMPLES, IWAE_SAMPLES = 1000, 50
 GMM_COMPONENTS, GMM_REG_COVAR, GMM_TRAIN_IMAGES = 10, 1 / (12 * 255**2), 10_000
 #: The cheaper evaluation of ``train --eval-every``: samples per model (generated images; test
 #: images scored by a VAE; the default elsewhere) and the VAE's NLL importance samples.
-TRAINING_EVAL_SAMPLES, TRAINING_NLL_SAMPLES = {"gan": 2000, "cgan": 2000, "vae": 1000}, 100
+TRAINING_EVAL_SAMPLES = {"gan": 2000, "cgan": 2000, "stylegan": 2000, "biggan": 2000, "vae": 1000}
+TRAINING_NLL_SAMPLES = 100
 _EVAL_BATCH = 1000
 
 
@@ -98,33 +99,41 @@ def load_run(path: str | os.PathLike, device: str = "auto") -> tuple[TrainConfig
 
 @torch.no_grad()
 def generate(config: TrainConfig, models: dict[str, nn.Module], n: int, *, labels: Tensor | None = None,
-             seed: int = 0) -> Tensor:
+             seed: int = 0, truncation: float = 1.0) -> Tensor:
     """``n`` float32 samples in data space, drawn with ``seed`` (the global RNG state is kept).
 
-    GAN images are in [-1, 1] ``(n, 1, S, S)``; VAE images in [0, 1]; gan2d points ``(n, 2)``.
-    ``labels`` (``(n,)`` int64, cgan only) default to ``0, 1, ..., 9, 0, 1, ...``.
+    GAN images are in [-1, 1] ``(n, 1, S, S)`` (StyleGAN2's unbounded output clamped); VAE images in
+    [0, 1]; gan2d points ``(n, 2)``. ``labels`` (``(n,)`` int64, conditional models: cgan, biggan)
+    default to ``0, 1, ..., 9, 0, 1, ...``. ``truncation`` (stylegan only): psi in [0, 1], the
+    truncation trick in W (1: none).
 
     Raises:
         ValueError: an auto-encoder (no prior to sample from), labels for an unconditional model,
-            or labels out of range.
+            labels out of range, or truncation for a model other than stylegan.
     """
     if config.model == "ae":
         raise ValueError("model: an auto-encoder has no prior to sample from; train a vae to sample")
+    if truncation != 1.0 and config.model != "stylegan":
+        raise ValueError(f"truncation: only a stylegan samples with truncation, this is a {config.model}")
     device = _device_of(models)
-    if config.model == "cgan":
+    if config.model in CONDITIONAL_MODELS:
         labels = torch.arange(n) % MNIST_CLASSES if labels is None else labels
         if labels.shape != (n,) or labels.min() < 0 or labels.max() >= MNIST_CLASSES:
             raise ValueError(f"labels: expected {n} class labels in 0..{MNIST_CLASSES - 1}, got {labels.tolist()}")
         labels = labels.to(device)
     elif labels is not None:
-        raise ValueError(f"labels: only a cgan takes class labels, this is a {config.model}")
+        raise ValueError(f"labels: only a {' or '.join(CONDITIONAL_MODELS)} takes class labels, "
+                         f"this is a {config.model}")
+    options = {"truncation": truncation} if config.model == "stylegan" else {}
     with fixed_rng(seed, device):
         if config.model == "vae":
             with _eval_mode(models["model"]) as vae:
                 return vae.sample(n).float()
         with _eval_mode(generator_for_sampling(models)) as generator:
             z = torch.randn(n, generator.latent_size, device=device)
-            samples = generator(z, labels)
+            samples = generator(z, labels, **options)
+    if config.model in IMAGE_GAN_MODELS:
+        samples = samples.clamp(-1.0, 1.0)
     return samples.float().contiguous()
 
 
@@ -138,10 +147,11 @@ def reconstruct(model: nn.Module, x: Tensor) -> Tensor:
 
 def save_sample_picture(config: TrainConfig, models: dict[str, nn.Module], path: str | os.PathLike, *,
                         seed: int = 0, n: int | None = None, labels: Tensor | None = None,
-                        dataset: Dataset | None = None, nrow: int = 8) -> None:
-    """The run's picture as a PNG: a grid of samples (``nrow`` per row; cgan by default one class per
-    row), originals over reconstructions (AE, from ``dataset``), or a scatter of ``n`` (2500) points over
-    rings of 3 std around the mixture's modes (gan2d)."""
+                        dataset: Dataset | None = None, nrow: int = 8, truncation: float = 1.0) -> None:
+    """The run's picture as a PNG: a grid of samples (``nrow`` per row; cgan and biggan by default one
+    class per row; stylegan with ``truncation`` psi), originals over reconstructions (AE, from
+    ``dataset``), or a scatter of ``n`` (2500) points over rings of 3 std around the mixture's modes
+    (gan2d)."""
     if config.model == "gan2d":
         points = generate(config, models, n or MIXTURE_EVAL_SAMPLES, seed=seed)
         mixture = mixture2d(config.mixture)
@@ -158,10 +168,10 @@ def save_sample_picture(config: TrainConfig, models: dict[str, nn.Module], path:
                             recons.reshape(-1, 8, *recons.shape[1:])], dim=1)
         save_image_grid(rows.flatten(0, 2), path, value_range=(0.0, 1.0), scale=2)
         return
-    if config.model == "cgan" and labels is None:
+    if config.model in CONDITIONAL_MODELS and labels is None:
         labels = torch.arange(MNIST_CLASSES).repeat_interleave(8)  # one class per row of 8
     n = len(labels) if labels is not None else (n or 64)
-    images = generate(config, models, n, labels=labels, seed=seed)
+    images = generate(config, models, n, labels=labels, seed=seed, truncation=truncation)
     save_image_grid(images, path, nrow=nrow, value_range=(0.0, 1.0) if config.model == "vae" else (-1.0, 1.0),
                     scale=2)
 
@@ -233,7 +243,7 @@ def _floor(data_dir: str | None, n: int, seed: int, conditional: bool) -> dict[s
 def _evaluate_image_gan(config: TrainConfig, models: dict[str, nn.Module], n: int, seed: int) -> dict[str, Any]:
     """Metrics of ``n`` generated images in the shipped classifier's features against the whole
     test split, and their floors: the same metrics of ``n`` train images against the test split."""
-    conditional = config.model == "cgan"
+    conditional = config.model in CONDITIONAL_MODELS
     if conditional and n < 2 * MNIST_CLASSES:
         raise ValueError(f"num_samples: per-class metrics need two samples per class, {2 * MNIST_CLASSES} "
                          f"in all; got {n}")
@@ -282,10 +292,11 @@ def evaluate(config: TrainConfig, models: dict[str, nn.Module], *, seed: int = 0
     """The run's metrics, each beside its floor or baseline.
 
     - gan2d: mode coverage of 2500 samples (see :mod:`fastgen.metrics`).
-    - gan / cgan: FD, KID, precision, recall, density and coverage of ``num_samples`` (10,000)
-      generated images against the test split, in the features of the shipped classifier
-      (``feature_network`` names its version); cgan adds label fidelity and per-class FD; ``floor``
-      holds the same metrics for as many train images.
+    - gan / cgan / stylegan / biggan: FD, KID, precision, recall, density and coverage of
+      ``num_samples`` (10,000) generated images against the test split, in the features of the
+      shipped classifier (``feature_network`` names its version); the conditional cgan and biggan
+      add label fidelity and per-class FD; ``floor`` holds the same metrics for as many train
+      images. A stylegan is evaluated without truncation.
     - ae / vae: over the first ``num_samples`` test images (all by default), the per-sample loss
       and reconstruction MSE; ae: PCA's test MSE at the same code size (fitted on the train
       split) and the ratio; vae: ELBO, IWAE bound (k = 50) and importance-sampled NLL (k =
@@ -307,7 +318,7 @@ def evaluate(config: TrainConfig, models: dict[str, nn.Module], *, seed: int = 0
         if config.model == "gan2d":
             samples = generate(config, models, num_samples or MIXTURE_EVAL_SAMPLES, seed=seed)
             return evaluate_mixture(samples, mixture2d(config.mixture)).as_dict()
-        if config.model in ("gan", "cgan"):
+        if config.model in IMAGE_GAN_MODELS:
             return _evaluate_image_gan(config, models, num_samples or IMAGE_EVAL_SAMPLES, seed)
         return _evaluate_autoencoder(config, models["model"], num_samples, nll_samples, seed)
 

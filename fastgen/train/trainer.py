@@ -1,4 +1,4 @@
-"""One training loop for GANs (DCGAN, class-conditional, 2D MLP), auto-encoders and VAEs.
+"""One training loop for GANs (DCGAN, class-conditional, StyleGAN2, BigGAN, 2D MLP), auto-encoders and VAEs.
 
 A run lives in its directory::
 
@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from fastgen.backend import use_backend
 from fastgen.data import BatchSampler
+from fastgen.models.biggan import orthogonal_regularization
 from fastgen.models.losses import GANObjective, gradient_penalty, r1_penalty
 from fastgen.nn import convert_sync_batchnorm
 from fastgen.profile import phase
@@ -46,7 +47,7 @@ from fastgen.train.checkpoint import (CheckpointError, atomic_write_bytes, captu
                                       restore_rng_state, save_checkpoint)
 from fastgen.train import distributed
 from fastgen.train.config import RESUME_OPTIONS, TrainConfig
-from fastgen.train.factory import GAN_MODELS, build_models, load_dataset, resolve_device
+from fastgen.train.factory import CONDITIONAL_MODELS, GAN_MODELS, build_models, load_dataset, resolve_device
 from fastgen.train.inference import (CHECKPOINT_FILE, TRAINING_EVAL_SAMPLES, TRAINING_NLL_SAMPLES, checkpoint_path,
                                      evaluate, save_sample_picture)
 from fastgen.train.plots import plot_run
@@ -269,7 +270,9 @@ class Trainer:
             (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.run_dir / CONFIG_FILE, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
             self._drop_metrics_after(self.step)
+        # Each value is averaged over the steps that logged it (lazy R1 logs every r1_every steps).
         sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
         window_steps, window_seconds, record = 0, 0.0, {}
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step",
                    desc=f"{cfg.model} {self.device.type}", dynamic_ncols=True)
@@ -283,15 +286,16 @@ class Trainer:
                     window_steps += 1
                     for name, value in values.items():
                         sums[name] = sums.get(name, 0.0) + value
+                        counts[name] = counts.get(name, 0) + 1
                     bar.update()
                     last = self.step == cfg.steps
                     if self.step % cfg.log_every == 0 or last:
-                        record = {"step": self.step, **{k: v / window_steps for k, v in sums.items()},
+                        record = {"step": self.step, **{k: v / counts[k] for k, v in sums.items()},
                                   "images_per_s": window_steps * self.images_per_step / window_seconds}
                         if main:
                             self._append_metrics(record)
                         bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k != "step"}, refresh=False)
-                        sums, window_steps, window_seconds = {}, 0, 0.0
+                        sums, counts, window_steps, window_seconds = {}, {}, 0, 0.0
                     if main and cfg.eval_every and (self.step % cfg.eval_every == 0 or last):
                         self._append_metrics({"step": self.step, "eval": self.evaluate()})
                     if main and (self.step % cfg.sample_every == 0 or last):
@@ -440,14 +444,20 @@ class GANTrainer(Trainer):
     generator step on the last critic step's generated batch; Adam for both (DCGAN defaults
     lr 2e-4, betas (0.5, 0.999)); the EMA generator follows after each generator step.
 
+    R1 is lazy with ``r1_every`` (StyleGAN2): it runs on the steps that are multiples of
+    ``r1_every``, weighted ``r1_gamma / 2 * r1_every`` so that its mean weight stays ``r1_gamma / 2``.
+    With ``ortho_reg`` (BigGAN), the generator's loss adds ``ortho_reg`` times its orthogonal
+    regularization (:func:`~fastgen.models.biggan.orthogonal_regularization`).
+
     Logged per step: ``d_loss``, ``d_real`` (D(x)), ``d_fake`` (D(G(z))), ``g_loss``, and when they
-    apply ``gp``, ``r1`` (unweighted penalties), ``d_class``, ``g_class`` (ACGAN cross-entropies).
+    apply ``gp``, ``r1``, ``ortho`` (unweighted penalties; ``r1`` averaged over the steps that
+    compute it), ``d_class``, ``g_class`` (ACGAN cross-entropies).
     """
 
     def __init__(self, config: TrainConfig, *, progress: bool = True) -> None:
         super().__init__(config, progress=progress)
         self.objective = GANObjective(config.loss, config.label_smoothing)
-        self.conditional = config.model == "cgan"
+        self.conditional = config.model in CONDITIONAL_MODELS
         self.acgan = config.conditioning == "acgan"
         self.images_per_step = config.batch_size * config.n_critic
         self.ema = (EMA(self.models["generator_ema"], self.models["generator"])
@@ -472,10 +482,12 @@ class GANTrainer(Trainer):
 
     def _discriminator_step(self, real: Tensor, fake: Tensor, labels: Tensor | None) -> dict[str, float]:
         cfg = self.config
-        if cfg.r1_gamma:
+        r1_every = cfg.r1_every or 1  # None: a model without lazy R1
+        r1 = bool(cfg.r1_gamma) and self.step % r1_every == 0
+        if r1:
             real.requires_grad_(True)
         with self._autocast(), phase("D forward"):
-            real_logits, real_classes = self._discriminate(real, labels, eager=bool(cfg.r1_gamma))
+            real_logits, real_classes = self._discriminate(real, labels, eager=r1)
             fake_logits, fake_classes = self._discriminate(fake, labels)
         with self._autocast(), phase("D loss"):
             out = self.objective.d_loss(real_logits, fake_logits)
@@ -488,9 +500,9 @@ class GANTrainer(Trainer):
             if cfg.loss == "wgan_gp":
                 logged["gp"] = gradient_penalty(lambda x: self._discriminate(x, labels, eager=True)[0], real, fake)
                 loss = loss + cfg.gp_weight * logged["gp"]
-            if cfg.r1_gamma:
+            if r1:
                 logged["r1"] = r1_penalty(real_logits, real)
-                loss = loss + 0.5 * cfg.r1_gamma * logged["r1"]
+                loss = loss + 0.5 * cfg.r1_gamma * r1_every * logged["r1"]
         return self._apply("discriminator", loss, logged)
 
     def _generator_step(self, fake: Tensor, labels: Tensor | None) -> dict[str, float]:
@@ -506,6 +518,9 @@ class GANTrainer(Trainer):
                 if self.acgan:
                     logged["g_class"] = F.cross_entropy(fake_classes.float(), labels)
                     loss = loss + logged["g_class"]
+            if self.config.ortho_reg:  # on the weights themselves: outside autocast
+                logged["ortho"] = orthogonal_regularization(self.models["generator"], beta=1.0)
+                loss = loss + self.config.ortho_reg * logged["ortho"]
             return self._apply("generator", loss, logged)
         finally:
             discriminator.requires_grad_(True)
