@@ -331,9 +331,10 @@ def noise_bias_act(z: Tensor, noise: Tensor | None, noise_strength: Tensor | Non
                    bias: Tensor | None, activation: str, negative_slope: float,
                    gain: float) -> Tensor:
     """:func:`modulated_conv2d`'s last step on its (demodulated) conv output z ``(B, C, H, W)``:
-    ``act(z + noise_strength * noise + bias) * gain``, each term skipped where None."""
+    ``act(z + noise_strength * noise + bias) * gain`` in z's dtype, each term skipped where None."""
     if noise is not None:
-        z = z + (noise if noise_strength is None else noise * noise_strength.reshape(()))
+        strength = 1.0 if noise_strength is None else noise_strength.to(z.dtype).reshape(())
+        z = z + noise.to(z.dtype) * strength
     if bias is not None:
-        z = z + bias.reshape(1, -1, 1, 1)
+        z = z + bias.to(z.dtype).reshape(1, -1, 1, 1)
     return activate(z, activation, negative_slope) * gain

@@ -321,9 +321,12 @@ def _modconv_setup(ctx, inputs, output) -> None:
 
 
 def _modconv_backward(ctx, grad_out: Tensor, *_):
-    saved = ctx.saved_tensors
+    *inputs, y, demod = ctx.saved_tensors
     with forward_backend(ctx):
-        grads = _modconv_backward_op(grad_out, *saved, *ctx.args, list(ctx.needs_input_grad[:6]))
+        if y.numel() == 0:  # a forward called without save_pre: recompute what it did not keep
+            _, y, demod = _modconv_op(*inputs, *ctx.args, True)
+        grads = _modconv_backward_op(grad_out, *inputs, y, demod, *ctx.args,
+                                     list(ctx.needs_input_grad[:6]))
     return (*(none_if_empty(g) for g in grads), *([None] * 8))
 
 
