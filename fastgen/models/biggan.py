@@ -25,8 +25,8 @@ Generator, with ``blocks = log2(S) - 2`` residual up-blocks of ``width`` channel
       -> [UpBlock(c_i)] x blocks                                  (4 -> S)
       -> BN -> ReLU -> conv3x3 -> tanh                            (channels, S, S) in [-1, 1]
 
-    UpBlock(x, c):  h = conv3x3(CBN(h = up(CBN(x, c) -> ReLU) -> conv3x3, c) -> ReLU)
-                    out = h + up(conv1x1(x))
+    UpBlock(x, c):  h = conv3x3(up(ReLU(CBN(x, c))))
+                    out = conv3x3(ReLU(CBN(h, c))) + up(conv1x1(x))
 
 (``up``: nearest-neighbour x2; the 1x1 skip conv runs before the upsampling, which it commutes
 with, on a quarter of the pixels.) Discriminator, ``blocks`` residual blocks of ``width`` channels,
