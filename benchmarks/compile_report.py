@@ -175,6 +175,8 @@ def _conv_launches(target: Target) -> Iterator[tuple[Launch, Tiles]]:
         coef = torch.randn(8, c)
         return x, out, w, coef
 
+    affine = torch.randn(2, n, c)  # a per-sample BN affine (gamma, beta rows), coef's dtype
+
     geom = dict(stride=(2, 2), padding=(1, 1))
     calls = {
         "conv_stats_forward": (dict(transposed=bools), lambda x, o, w, coef, transposed: (
@@ -197,12 +199,21 @@ def _conv_launches(target: Target) -> Iterator[tuple[Launch, Tiles]]:
         "bn_combine_stats": (dict(running=bools), lambda x, o, w, coef, running: K.bn_combine_stats(
             torch.rand(3, 4, c), coef[0], coef[1], coef[2] if running else None,
             coef[3] if running else None, 0.1, 1e-5)),
-        "bn_act_apply": (dict(activation=acts, channels_last=bools), lambda x, o, w, coef, activation, channels_last: (
-            K.bn_act_apply(x, coef, code(activation), 0.2, channels_last))),
+        "bn_act_apply": (dict(activation=acts, channels_last=bools, per_sample=bools),
+                         lambda x, o, w, coef, activation, channels_last, per_sample: (
+            K.bn_act_apply(x, coef, code(activation), 0.2, channels_last, affine if per_sample else None))),
         "bn_act_grad_coef": (dict(activation=acts, training=bools), lambda x, o, w, coef, activation, training: (
             K.bn_act_grad_coef(x, x, coef, code(activation), 0.2, training))),
-        "bn_act_input_grad": (dict(activation=acts), lambda x, o, w, coef, activation: (
-            K.bn_act_input_grad(x, x, coef, code(activation), 0.2))),
+        "bn_act_sample_grad_coef": (dict(activation=acts, training=bools), lambda x, o, w, coef, activation, training: (
+            K.bn_act_sample_grad_coef(x, x, coef, affine, code(activation), 0.2, training))),
+        "bn_act_input_grad": (dict(activation=acts, per_sample=bools), lambda x, o, w, coef, activation, per_sample: (
+            K.bn_act_input_grad(x, x, coef, code(activation), 0.2, affine if per_sample else None))),
+        "conv_plain_forward": (dict(transposed=bools), lambda x, o, w, coef, transposed: (
+            K.conv_plain_forward(o if transposed else x, w, (hw, hw) if transposed else (hw // 2,) * 2,
+                                 transposed=transposed, **geom))),
+        "conv_plain_grads": (dict(transposed=bools), lambda x, o, w, coef, transposed: (
+            K.conv_plain_grads(x if transposed else o, o if transposed else x, w, transposed=transposed,
+                               mask=(True, True), **geom))),
     }
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     launches = []

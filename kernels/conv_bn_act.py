@@ -48,6 +48,20 @@ One reduction pass gives dbeta and dgamma; the input- and weight-gradient GEMMs 
 from (dL/dout, y) while they load their tiles, so dL/dy is never stored. All reductions are
 per-tile partials combined in a fixed order: reruns are bit-identical.
 
+Per-sample BN affine (BigGAN's class-conditional BN): gamma and beta are (N, C); the coefficients
+then only normalize (zscale = rstd, zshift = -mean * rstd: xhat = y * zscale + zshift) and the
+BN kernels take the affine beside them, z = xhat * gamma[n] + beta[n]. With h = g * gamma[n],
+
+    dbeta[n] = sum_(h,w) g,  dgamma[n] = sum_(h,w) g * xhat       (per sample)
+    dL/dy = rstd * (h - sum h / n - xhat * sum (h * xhat) / n)    (training; eval: rstd * h)
+
+and sum h = sum_n gamma[n] * dbeta[n], sum h * xhat = sum_n gamma[n] * dgamma[n]: per-sample
+partial sums are all the backward reduces. Those kernels launch over (row block, channel block,
+sample), so no row block straddles two samples and per-sample values are vectors per program.
+The GEMMs' BN prologue and epilogues stay per channel: a per-sample conv layer stores y and
+applies BN in its own pass (eval too: conv_plain_forward), and its backward stores dL/dy
+(bn_act_input_grad) for the GEMMs to read as a plain operand (conv_plain_grads).
+
 Modulation (StyleGAN2, kernels/modconv.py): the GEMM may scale its A operand per sample and
 channel as it loads it, A[n, ..., ca] * mod[n, ca] (MODULATE), and its MODULATED epilogue computes
 
@@ -385,6 +399,40 @@ def _conv_wgrad_kernel(
 
 
 @triton.jit
+def _row_block(M, HW, BLOCK_M: tl.constexpr, PER_SAMPLE: tl.constexpr):
+    """The rows (int64) of the (M, C) matrix this program owns, which exist, and its sample n.
+    PER_SAMPLE: the grid's third axis is the sample and a block stays inside its HW rows, so
+    per-sample values are vectors; otherwise blocks run over all M rows (one sample axis, n 0)."""
+    n = tl.program_id(2)
+    local = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = local
+    row_ok = local < M
+    if PER_SAMPLE:
+        rows = n.to(tl.int64) * HW + local
+        row_ok = local < HW
+    return rows, row_ok, n
+
+
+@triton.jit
+def _coef_rows(coef_ptr, C, cols, col_ok):
+    """The forward's coefficient rows zscale, zshift, mean, rstd at ``cols``, as (1, BLOCK_C)."""
+    zscale = tl.load(coef_ptr + ZSCALE * C + cols, mask=col_ok, other=0.0)[None, :]
+    zshift = tl.load(coef_ptr + ZSHIFT * C + cols, mask=col_ok, other=0.0)[None, :]
+    mean = tl.load(coef_ptr + MEAN * C + cols, mask=col_ok, other=0.0)[None, :]
+    rstd = tl.load(coef_ptr + RSTD * C + cols, mask=col_ok, other=0.0)[None, :]
+    return zscale, zshift, mean, rstd
+
+
+@triton.jit
+def _sample_affine(affine_ptr, n, NC, C, cols, col_ok):
+    """gamma[n, cols] and beta[n, cols] of a per-sample affine (2, N, C), as (1, BLOCK_C); NC = N * C."""
+    base = affine_ptr + n * C + cols
+    gamma = tl.load(base, mask=col_ok, other=0.0)[None, :]
+    beta = tl.load(base + NC, mask=col_ok, other=0.0)[None, :]
+    return gamma, beta
+
+
+@triton.jit
 def _bn_stats_kernel(y_ptr, part_ptr, M, C, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_C: tl.constexpr):
     """part[:, tile, cols] = (count, mean, M2) of a BLOCK_M-row tile of y (BN without a conv)."""
@@ -446,67 +494,92 @@ def _bn_stats_combine_kernel(part_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr,
 
 
 @triton.jit
-def _bn_act_apply_kernel(y_ptr, coef_ptr, out_ptr, M, C, HW, out_sn, out_sw, out_sc, slope,
-                         ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_C: tl.constexpr):
-    """out = act(y * zscale + zshift), per channel; y is NHWC, out has strides (out_sn, out_sw,
-    out_sc) for (n, w, c) with HW pixels per sample (NCHW or NHWC)."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+def _bn_act_apply_kernel(y_ptr, coef_ptr, affine_ptr, out_ptr, M, C, HW, NC, out_sn, out_sw,
+                         out_sc, slope, PER_SAMPLE: tl.constexpr, ACT: tl.constexpr,
+                         ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out = act(z), z = y * zscale + zshift per channel, and with PER_SAMPLE then
+    z * gamma[n] + beta[n]; y is NHWC, out has strides (out_sn, out_sw, out_sc) for (n, w, c)
+    with HW pixels per sample (NCHW or NHWC)."""
+    rows, row_ok, sample = _row_block(M, HW, BLOCK_M, PER_SAMPLE)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     offs = rows[:, None] * C + cols[None, :]
-    mask = (rows < M)[:, None] & col_ok[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
     zscale = tl.load(coef_ptr + ZSCALE * C + cols, mask=col_ok, other=0.0)
     zshift = tl.load(coef_ptr + ZSHIFT * C + cols, mask=col_ok, other=0.0)
     y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
-    out = _activate(y * zscale[None, :] + zshift[None, :], slope, ACT)
+    z = y * zscale[None, :] + zshift[None, :]
+    if PER_SAMPLE:
+        gamma, beta = _sample_affine(affine_ptr, sample, NC, C, cols, col_ok)
+        z = z * gamma + beta
+    out = _activate(z, slope, ACT)
     n = rows // HW
     out_offs = (n * out_sn + (rows - n * HW) * out_sw)[:, None] + cols[None, :] * out_sc
     tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _bn_act_grad_partials_kernel(dout_ptr, y_ptr, coef_ptr, part_ptr, M, C, slope,
-                                 ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
-                                 BLOCK_C: tl.constexpr):
-    """part[0, tile, cols] = sum g, part[1, tile, cols] = sum g * xhat over a BLOCK_M-row tile."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+def _bn_act_grad_partials_kernel(dout_ptr, y_ptr, coef_ptr, affine_ptr, part_ptr, M, C, HW, NC,
+                                 slope, PER_SAMPLE: tl.constexpr, ACT: tl.constexpr,
+                                 ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """part[0, tile, cols] = sum g, part[1, tile, cols] = sum g * xhat over a BLOCK_M-row tile;
+    PER_SAMPLE: z takes the per-sample affine and the tiles of sample n are n * blocks + block."""
+    rows, row_ok, sample = _row_block(M, HW, BLOCK_M, PER_SAMPLE)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     offs = rows[:, None] * C + cols[None, :]
-    mask = (rows < M)[:, None] & col_ok[None, :]
-    zscale = tl.load(coef_ptr + ZSCALE * C + cols, mask=col_ok, other=0.0)[None, :]
-    zshift = tl.load(coef_ptr + ZSHIFT * C + cols, mask=col_ok, other=0.0)[None, :]
-    mean = tl.load(coef_ptr + MEAN * C + cols, mask=col_ok, other=0.0)[None, :]
-    rstd = tl.load(coef_ptr + RSTD * C + cols, mask=col_ok, other=0.0)[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    zscale, zshift, mean, rstd = _coef_rows(coef_ptr, C, cols, col_ok)
     y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
     dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(ACC)
-    g = tl.where(mask, _activate_backward(dout, y * zscale + zshift, slope, ACT), 0.0)
-    base = part_ptr + tl.program_id(0).to(tl.int64) * C + cols
+    z = y * zscale + zshift
+    if PER_SAMPLE:
+        gamma, beta = _sample_affine(affine_ptr, sample, NC, C, cols, col_ok)
+        z = z * gamma + beta
+    g = tl.where(mask, _activate_backward(dout, z, slope, ACT), 0.0)
+    tile = sample * tl.num_programs(0) + tl.program_id(0)
+    base = part_ptr + tile.to(tl.int64) * C + cols
     tl.store(base, tl.sum(g, axis=0), mask=col_ok)
-    tl.store(base + tl.num_programs(0).to(tl.int64) * C, tl.sum(g * ((y - mean) * rstd), axis=0),
-             mask=col_ok)
+    plane = (tl.num_programs(0) * tl.num_programs(2)).to(tl.int64) * C
+    tl.store(base + plane, tl.sum(g * ((y - mean) * rstd), axis=0), mask=col_ok)
 
 
 @triton.jit
-def _bn_grad_combine_kernel(part_ptr, fwd_coef_ptr, coef_ptr, n_tiles, C, inv_count,
-                            TRAINING: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+def _bn_grad_combine_kernel(part_ptr, fwd_coef_ptr, affine_ptr, coef_ptr, sample_grads_ptr,
+                            n_tiles, n_samples, C, inv_count, TRAINING: tl.constexpr,
+                            PER_SAMPLE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """Sum the partials in tile order into dbeta, dgamma; write the coefficient rows of
-    bn_act_grad_coef (the forward's four rows copied first)."""
+    bn_act_grad_coef (the forward's four rows copied first). PER_SAMPLE: the tiles are the
+    n_samples samples' in turn; each sample's sums are its (dgamma[n], dbeta[n]), stored in
+    sample_grads (2, N, C), and the channel rows DGAMMA, DBETA sum them weighted by gamma[n]
+    (the sums of h * xhat and h, module docstring). Otherwise n_samples is 1."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     acc_ty = coef_ptr.dtype.element_ty
-    sum_g = tl.zeros((BLOCK_T, BLOCK_C), dtype=acc_ty)
-    sum_gx = tl.zeros((BLOCK_T, BLOCK_C), dtype=acc_ty)
     plane = n_tiles * C  # partial buffers stay far below 2**31 elements
-    for t0 in range(0, n_tiles, BLOCK_T):
-        tiles = t0 + tl.arange(0, BLOCK_T)
-        offs = tiles.to(tl.int64)[:, None] * C + cols[None, :]
-        mask = (tiles < n_tiles)[:, None] & col_ok[None, :]
-        sum_g += tl.load(part_ptr + offs, mask=mask, other=0.0)
-        sum_gx += tl.load(part_ptr + plane + offs, mask=mask, other=0.0)
-    dbeta = tl.sum(sum_g, axis=0)
-    dgamma = tl.sum(sum_gx, axis=0)
+    sample_tiles = n_tiles // n_samples
+    dbeta = tl.zeros((BLOCK_C,), dtype=acc_ty)
+    dgamma = tl.zeros((BLOCK_C,), dtype=acc_ty)
+    for sample in range(0, n_samples):
+        sum_g = tl.zeros((BLOCK_T, BLOCK_C), dtype=acc_ty)
+        sum_gx = tl.zeros((BLOCK_T, BLOCK_C), dtype=acc_ty)
+        for t0 in range(0, sample_tiles, BLOCK_T):
+            tiles = t0 + tl.arange(0, BLOCK_T)
+            offs = (sample * sample_tiles + tiles).to(tl.int64)[:, None] * C + cols[None, :]
+            mask = (tiles < sample_tiles)[:, None] & col_ok[None, :]
+            sum_g += tl.load(part_ptr + offs, mask=mask, other=0.0)
+            sum_gx += tl.load(part_ptr + plane + offs, mask=mask, other=0.0)
+        sample_dbeta = tl.sum(sum_g, axis=0)
+        sample_dgamma = tl.sum(sum_gx, axis=0)
+        if PER_SAMPLE:
+            grads = sample_grads_ptr + sample * C + cols
+            tl.store(grads, sample_dgamma, mask=col_ok)
+            tl.store(grads + n_samples * C, sample_dbeta, mask=col_ok)
+            gamma = tl.load(affine_ptr + sample * C + cols, mask=col_ok, other=0.0)
+            sample_dbeta = sample_dbeta * gamma
+            sample_dgamma = sample_dgamma * gamma
+        dbeta += sample_dbeta
+        dgamma += sample_dgamma
     for row in range(0, 4):
         tl.store(coef_ptr + row * C + cols, tl.load(fwd_coef_ptr + row * C + cols, mask=col_ok),
                  mask=col_ok)
@@ -522,16 +595,30 @@ def _bn_grad_combine_kernel(part_ptr, fwd_coef_ptr, coef_ptr, n_tiles, C, inv_co
 
 
 @triton.jit
-def _bn_act_input_grad_kernel(dout_ptr, y_ptr, coef_ptr, dy_ptr, M, C, slope, ACT: tl.constexpr,
-                              ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dL/dy (BN without a conv: y is the input)."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+def _bn_act_input_grad_kernel(dout_ptr, y_ptr, coef_ptr, affine_ptr, dy_ptr, M, C, HW, NC, slope,
+                              PER_SAMPLE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dL/dy (BN without a conv: y is the input; a per-sample conv layer's GEMMs read it): the
+    GEMM operand's formula, or with PER_SAMPLE zscale * (h - dbeta_mean - xhat * dgamma_mean),
+    h = g * gamma[n], with the per-sample affine in z (module docstring)."""
+    rows, row_ok, sample = _row_block(M, HW, BLOCK_M, PER_SAMPLE)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     offs = rows[:, None] * C + cols[None, :]
-    mask = (rows < M)[:, None] & col_ok[None, :]
-    dy = _load_operand(dout_ptr, y_ptr, coef_ptr, offs, mask, cols[None, :], col_ok[None, :], C,
-                       slope, True, ACT, ACC)
+    mask = row_ok[:, None] & col_ok[None, :]
+    if PER_SAMPLE:
+        zscale, zshift, mean, rstd = _coef_rows(coef_ptr, C, cols, col_ok)
+        dbeta_mean = tl.load(coef_ptr + DBETA_MEAN * C + cols, mask=col_ok, other=0.0)[None, :]
+        dgamma_mean = tl.load(coef_ptr + DGAMMA_MEAN * C + cols, mask=col_ok, other=0.0)[None, :]
+        gamma, beta = _sample_affine(affine_ptr, sample, NC, C, cols, col_ok)
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
+        dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(ACC)
+        g = _activate_backward(dout, (y * zscale + zshift) * gamma + beta, slope, ACT)
+        dy = zscale * (g * gamma - dbeta_mean - (y - mean) * rstd * dgamma_mean)
+        dy = dy.to(dy_ptr.dtype.element_ty)
+    else:
+        dy = _load_operand(dout_ptr, y_ptr, coef_ptr, offs, mask, cols[None, :], col_ok[None, :],
+                           C, slope, True, ACT, ACC)
     tl.store(dy_ptr + offs, dy, mask=mask)
 
 
@@ -811,22 +898,70 @@ def bn_combine_stats(part: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor
     return stats
 
 
+def _rows_grid(y: torch.Tensor, affine: torch.Tensor | None) -> tuple[tuple[int, int, int], int, int]:
+    """Grid and (BLOCK_M, BLOCK_C) of the BN passes over an NHWC y: row blocks over all N * H * W
+    rows, or with a per-sample ``affine`` row blocks within each sample (third axis: the sample)."""
+    N, H, W, C = y.shape
+    block_m, block_c = _elementwise_blocks(y.device)
+    if affine is None:
+        return (triton.cdiv(N * H * W, block_m), triton.cdiv(C, block_c), 1), block_m, block_c
+    return (triton.cdiv(H * W, block_m), triton.cdiv(C, block_c), N), block_m, block_c
+
+
+def _check_affine(y: torch.Tensor, coef: torch.Tensor, affine: torch.Tensor | None) -> None:
+    if affine is not None and (affine.shape != (2, y.shape[0], y.shape[3])
+                               or affine.dtype != coef.dtype or not affine.is_contiguous()):
+        raise ValueError(f"affine: expected a contiguous (2, N, C) = (2, {y.shape[0]}, {y.shape[3]}) "
+                         f"{coef.dtype} tensor, got {tuple(affine.shape)} {affine.dtype}")
+
+
 def bn_act_apply(y: torch.Tensor, coef: torch.Tensor, activation: int, negative_slope: float,
-                 channels_last: bool) -> torch.Tensor:
+                 channels_last: bool, affine: torch.Tensor | None = None) -> torch.Tensor:
     """out = act(y * zscale + zshift) for an NHWC y (coef rows 0, 1: zscale, zshift).
+
+    Args:
+        affine: a per-sample affine (2, N, C) in coef's dtype, rows gamma, beta: then
+            out = act((y * zscale + zshift) * gamma[n] + beta[n]) (coef normalizes only).
 
     Returns:
         (N, C, H, W) in y's dtype, channels_last or contiguous NCHW as asked.
     """
+    _check_affine(y, coef, affine)
+    N, H, W, C = y.shape
+    grid, block_m, block_c = _rows_grid(y, affine)
+    out, out_strides = _activation_output(N, C, (H, W), y.dtype, y.device, channels_last)
+    _bn_act_apply_kernel[grid](y, coef, coef if affine is None else affine, out, N * H * W, C,
+                               H * W, N * C, *out_strides, negative_slope,
+                               PER_SAMPLE=affine is not None, ACT=activation,
+                               ACC=tl_acc_dtype(coef.dtype), BLOCK_M=block_m, BLOCK_C=block_c,
+                               num_warps=4)
+    return out
+
+
+def _grad_coef(dout: torch.Tensor, y: torch.Tensor, fwd_coef: torch.Tensor,
+               affine: torch.Tensor | None, activation: int, negative_slope: float,
+               training: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The reduction pass of bn_act_grad_coef (per channel) and bn_act_sample_grad_coef."""
+    _check_affine(y, fwd_coef, affine)
     N, H, W, C = y.shape
     M = N * H * W
-    block_m, block_c = _elementwise_blocks(y.device)
-    out, out_strides = _activation_output(N, C, (H, W), y.dtype, y.device, channels_last)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(C, block_c))
-    _bn_act_apply_kernel[grid](y, coef, out, M, C, H * W, *out_strides, negative_slope,
-                               ACT=activation, ACC=tl_acc_dtype(coef.dtype),
-                               BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
-    return out
+    grid, block_m, block_c = _rows_grid(y, affine)
+    n_tiles = grid[0] * grid[2]
+    part = torch.empty((2, n_tiles, C), dtype=fwd_coef.dtype, device=y.device)
+    per_sample = affine is not None
+    _bn_act_grad_partials_kernel[grid](dout, y, fwd_coef, affine if per_sample else fwd_coef, part,
+                                       M, C, H * W, N * C, negative_slope,
+                                       PER_SAMPLE=per_sample, ACT=activation,
+                                       ACC=tl_acc_dtype(fwd_coef.dtype), BLOCK_M=block_m,
+                                       BLOCK_C=block_c, num_warps=4)
+    coef = torch.empty((8, C), dtype=fwd_coef.dtype, device=y.device)
+    sample_grads = (torch.empty((2, N, C), dtype=fwd_coef.dtype, device=y.device)
+                    if per_sample else None)
+    _bn_grad_combine_kernel[(triton.cdiv(C, COMBINE_C),)](
+        part, fwd_coef, affine if per_sample else fwd_coef, coef,
+        sample_grads if per_sample else coef, n_tiles, grid[2], C, 1.0 / M, TRAINING=training,
+        PER_SAMPLE=per_sample, BLOCK_T=COMBINE_T, BLOCK_C=COMBINE_C, num_warps=4)
+    return coef, sample_grads
 
 
 def bn_act_grad_coef(dout: torch.Tensor, y: torch.Tensor, fwd_coef: torch.Tensor, activation: int,
@@ -843,34 +978,77 @@ def bn_act_grad_coef(dout: torch.Tensor, y: torch.Tensor, fwd_coef: torch.Tensor
         (8, C) in fwd_coef's dtype, rows zscale, zshift, mean, rstd, dbeta / n, dgamma / n
         (0 unless training), dgamma, dbeta.
     """
-    M, C = _pair_dims(y)
-    block_m, block_c = _elementwise_blocks(y.device)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(C, block_c))
-    part = torch.empty((2, grid[0], C), dtype=fwd_coef.dtype, device=y.device)
-    _bn_act_grad_partials_kernel[grid](dout, y, fwd_coef, part, M, C, negative_slope,
-                                       ACT=activation,
-                                       ACC=tl_acc_dtype(fwd_coef.dtype), BLOCK_M=block_m,
-                                       BLOCK_C=block_c, num_warps=4)
-    coef = torch.empty((8, C), dtype=fwd_coef.dtype, device=y.device)
-    _bn_grad_combine_kernel[(triton.cdiv(C, COMBINE_C),)](
-        part, fwd_coef, coef, grid[0], C, 1.0 / M, TRAINING=training, BLOCK_T=COMBINE_T,
-        BLOCK_C=COMBINE_C, num_warps=4)
-    return coef
+    return _grad_coef(dout, y, fwd_coef, None, activation, negative_slope, training)[0]
+
+
+def bn_act_sample_grad_coef(dout: torch.Tensor, y: torch.Tensor, fwd_coef: torch.Tensor,
+                            affine: torch.Tensor, activation: int, negative_slope: float,
+                            training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """bn_act_grad_coef for a per-sample affine (module docstring): per-sample partial sums over
+    row blocks that stay within a sample, combined in a fixed order.
+
+    Args:
+        dout, y: (N, H, W, C) contiguous. fwd_coef: (>= 4, C) rows zscale, zshift, mean, rstd of
+            the normalization alone. affine: (2, N, C) rows gamma, beta in fwd_coef's dtype.
+
+    Returns:
+        coef: (8, C) as bn_act_grad_coef's, with h = g * gamma[n] in place of g (rows dbeta / n,
+        dgamma / n: the means of h and h * xhat, 0 unless training; rows dgamma, dbeta: the
+        sums of h * xhat and h, the gradients of a per-channel affine applied after this one);
+        for bn_act_input_grad with the same ``affine``.
+        sample_grads: (2, N, C), rows dgamma, dbeta per sample (sums over h, w of g * xhat, g).
+    """
+    return _grad_coef(dout, y, fwd_coef, affine, activation, negative_slope, training)
 
 
 def bn_act_input_grad(dout: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, activation: int,
-                      negative_slope: float) -> torch.Tensor:
-    """dL/dy of BN + activation (BN without a conv), NHWC, in dout's dtype; coef from
-    bn_act_grad_coef."""
-    M, C = _pair_dims(y)
-    block_m, block_c = _elementwise_blocks(y.device)
+                      negative_slope: float, affine: torch.Tensor | None = None) -> torch.Tensor:
+    """dL/dy of BN + activation, NHWC, in dout's dtype; coef from bn_act_grad_coef, or with a
+    per-sample ``affine`` (2, N, C) from bn_act_sample_grad_coef with the same affine."""
+    _check_affine(y, coef, affine)
+    N, H, W, C = y.shape
+    grid, block_m, block_c = _rows_grid(y, affine)
     dy = torch.empty_like(dout)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(C, block_c))
-    _bn_act_input_grad_kernel[grid](dout, y, coef, dy, M, C, negative_slope,
-                                    ACT=activation, ACC=tl_acc_dtype(coef.dtype),
-                                    BLOCK_M=block_m, BLOCK_C=block_c,
-                                    num_warps=4)
+    _bn_act_input_grad_kernel[grid](dout, y, coef, coef if affine is None else affine, dy,
+                                    N * H * W, C, H * W, N * C, negative_slope,
+                                    PER_SAMPLE=affine is not None, ACT=activation,
+                                    ACC=tl_acc_dtype(coef.dtype), BLOCK_M=block_m,
+                                    BLOCK_C=block_c, num_warps=4)
     return dy
+
+
+def conv_plain_forward(x: torch.Tensor, weight: torch.Tensor, out_hw: tuple[int, int],
+                       stride: tuple[int, int], padding: tuple[int, int], transposed: bool
+                       ) -> torch.Tensor:
+    """The conv output y alone (STORE epilogue), for the eval forward of a per-sample BN layer:
+    its affine varies per sample, so bn_act_apply follows instead of the AFFINE epilogue.
+
+    Args as conv_stats_forward. Returns y: (N, Ho, Wo, C_out) in x's dtype.
+    """
+    return _conv_gemm(x, weight, out_hw, stride, padding, transposed, STORE.value)[0]
+
+
+def conv_plain_grads(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                     stride: tuple[int, int], padding: tuple[int, int], transposed: bool,
+                     mask: tuple[bool, bool]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """dL/dx and dL/dweight from a stored dL/dy (bn_act_input_grad's, for a per-sample BN layer):
+    the input- and weight-gradient GEMMs with a plain operand, no BN prologue.
+
+    Args:
+        dy: (N, Ho, Wo, C_out) contiguous; x: (N, H, W, C_in) the forward input; weight, stride,
+            padding, transposed: the forward's. mask: which of (dx, dw) to compute.
+
+    Returns:
+        dx (N, H, W, C_in) in dy's dtype and dw in the weight's layout and dtype, None where
+        ``mask`` says no.
+    """
+    dx = dw = None
+    if mask[0]:
+        dx = _conv_gemm(dy, weight, tuple(x.shape[1:3]), stride, padding, not transposed,
+                        STORE.value)[0]
+    if mask[1]:
+        dw = _conv_wgrad(x, dy, weight.shape, stride, padding, transposed, weight.dtype)
+    return dx, dw
 
 
 def param_grads(coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

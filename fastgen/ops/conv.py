@@ -8,7 +8,10 @@ y (N, C, H, W) in channels_last memory (the kernels' NHWC), the per-channel coef
 float64 inputs), and in training the new running mean and var (2, C). The public functions copy
 those into the caller's buffers through ``torch.ops.fastgen.update_running_stats``, an op that
 declares the mutation, so a compiled graph keeps it. Modes: "train" (batch statistics),
-"eval" (running statistics folded into coef) and "bias" (a conv bias, no BN).
+"eval" (running statistics folded into coef) and "bias" (a conv bias, no BN). With a per-sample
+BN affine (gamma or beta of shape (N, C): class-conditional BN) coef only normalizes and the
+kernels apply the affine beside it (fastgen/kernels/conv_bn_act.py); the backward ops then return
+per-sample dgamma, dbeta (summed over the samples for a per-channel parameter).
 
 On the Triton backend a conv layer runs one of two implementations, chosen per shape on CUDA by
 timing (:data:`CONV_IMPLEMENTATION_TUNER`): "fused" (implicit-GEMM kernels with the BN
@@ -199,39 +202,47 @@ def _forward_triton(implementation: str, x: Tensor, weight: Tensor, gamma: Tenso
     kernels = _library.conv_bn_act
     channels = _out_channels(weight, spec.transposed)
     channels_last = _channels_last_out(x)
-    folded = None if spec.mode == "train" else _folded_coef(spec, gamma, beta, running_mean,
-                                                             running_var, channels, x)
+    folded = None if spec.mode == "train" else _folded_coef(
+        spec, *_coef_affine(gamma, beta), running_mean, running_var, channels, x)
     if implementation == "fused":
         out_hw = conv_out_hw(tuple(x.shape[2:]), tuple(weight.shape[2:]), spec.stride, spec.padding,
                              spec.output_padding, spec.transposed)
         conv_args = (_nhwc(x), weight, out_hw, spec.stride, spec.padding, spec.transposed)
-        if folded is not None:
+        if folded is None:
+            y, part = kernels.conv_stats_forward(*conv_args)
+        elif not _per_sample(gamma, beta):
             out, y = kernels.conv_affine_act_forward(*conv_args, folded, spec.act_code,
                                                      spec.negative_slope, save_pre, channels_last)
             return out, y, folded, None
-        y, part = kernels.conv_stats_forward(*conv_args)
+        else:  # a per-sample affine cannot be folded into the GEMM: the conv, then the apply pass
+            y = kernels.conv_plain_forward(*conv_args)
     else:
         y = _nhwc(_conv_torch(x, weight, spec))
-        if folded is not None:
-            return kernels.bn_act_apply(y, folded, spec.act_code, spec.negative_slope,
-                                        channels_last), y, folded, None
-        part = kernels.bn_partial_stats(y)
+        if folded is None:
+            part = kernels.bn_partial_stats(y)
+    if folded is not None:
+        out = kernels.bn_act_apply(y, folded, spec.act_code, spec.negative_slope, channels_last,
+                                   _sample_affine(gamma, beta, y.shape[0], channels, y))
+        return out, y, folded, None
     return _apply_batch_stats(y, part, gamma, beta, running_mean, running_var, spec, channels_last)
 
 
 def _apply_batch_stats(y: Tensor, part: Tensor, gamma: Tensor | None, beta: Tensor | None,
                        running_mean: Tensor | None, running_var: Tensor | None, spec: _Spec,
                        channels_last: bool):
-    """Training BN on an NHWC y from its per-tile partial statistics: combine, then apply. A
-    synchronized BN combines the ranks' statistics instead, each its tiles merged: (3, W, C)."""
+    """Training BN on an NHWC y from its per-tile partial statistics: combine, then apply (a
+    per-sample affine beside the coefficients). A synchronized BN combines the ranks' statistics
+    instead, each its tiles merged: (3, W, C)."""
     kernels = _library.conv_bn_act
     channels = y.shape[3]
     if spec.group:
         part = sync_bn.all_gather_stats(sync_bn.merge_stats(part), spec.group)
-    stats = kernels.bn_combine_stats(part, _affine(gamma, 1.0, channels, y),
-                                     _affine(beta, 0.0, channels, y), running_mean, running_var,
-                                     spec.momentum, spec.eps)
-    out = kernels.bn_act_apply(y, stats[:4], spec.act_code, spec.negative_slope, channels_last)
+    coef_gamma, coef_beta = _coef_affine(gamma, beta)
+    stats = kernels.bn_combine_stats(part, _affine(coef_gamma, 1.0, channels, y),
+                                     _affine(coef_beta, 0.0, channels, y), running_mean,
+                                     running_var, spec.momentum, spec.eps)
+    out = kernels.bn_act_apply(y, stats[:4], spec.act_code, spec.negative_slope, channels_last,
+                               _sample_affine(gamma, beta, y.shape[0], channels, y))
     # Outputs of an op may not alias each other, and start at their storage's first element.
     return out, y, stats[:4], None if running_mean is None else stats[4:].clone()
 
@@ -263,13 +274,13 @@ def _forward_reference(x: Tensor, weight: Tensor | None, gamma: Tensor | None, b
     return out.contiguous(memory_format=_out_format(x)), _nhwc(y), coef, running
 
 
-def _conv_key(x: Tensor, weight: Tensor, spec: _Spec) -> tuple:
+def _conv_key(x: Tensor, weight: Tensor, spec: _Spec, per_sample: bool) -> tuple:
     # momentum and eps change no cost (and momentum=None changes every step): not in the key. A
     # smaller last batch takes its bucket's choice, as the tile tuners' keys do. A synchronized
-    # BN runs the same kernels.
+    # BN runs the same kernels; a per-sample affine other ones.
     return ((batch_bucket(x.shape[0]), *x.shape[1:]), tuple(weight.shape), x.dtype,
             _channels_last_out(x), spec._replace(momentum=0.0, eps=0.0, group=""),
-            torch.backends.cudnn.allow_tf32)
+            torch.backends.cudnn.allow_tf32, per_sample)
 
 
 def _implementation(x: Tensor, weight: Tensor, gamma: Tensor | None, beta: Tensor | None,
@@ -283,19 +294,32 @@ def _implementation(x: Tensor, weight: Tensor, gamma: Tensor | None, beta: Tenso
     def trial(implementation: str) -> None:
         stats = (running_mean, running_var) if spec.mode == "eval" else (None, None)
         out, y, coef, _ = _forward_triton(implementation, x, weight, gamma, beta, *stats, spec, True)
-        _backward_triton(implementation, out, x, weight, y, coef, spec, (True, True, True, True))
+        _backward_triton(implementation, out, x, weight, y, coef, gamma, beta, spec,
+                         (True, True, True, True))
 
-    return CONV_IMPLEMENTATION_TUNER.choose(_conv_key(x, weight, spec), x.device, lambda c: c, trial)
+    return CONV_IMPLEMENTATION_TUNER.choose(_conv_key(x, weight, spec, _per_sample(gamma, beta)),
+                                            x.device, lambda c: c, trial)
 
 
-def _grad_coef(dout: Tensor, y: Tensor, coef: Tensor, spec: _Spec,
-               mask: tuple[bool, ...]) -> Tensor:
-    """bn_act_grad_coef (NHWC dout, y). A synchronized BN's dL/dy, when asked for (dx or dw),
-    takes the global means of dz and dz * xhat (rows dbeta / n, dgamma / n); dgamma and dbeta
-    stay the local sums."""
+def _grad_coef(dout: Tensor, y: Tensor, coef: Tensor, gamma: Tensor | None, beta: Tensor | None,
+               spec: _Spec, mask: tuple[bool, ...]
+               ) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor]]:
+    """bn_act_grad_coef, or bn_act_sample_grad_coef for a per-sample affine (NHWC dout, y): the
+    coefficients of dL/dy, the per-sample affine (2, N, C) they go with (None: per channel) and
+    (dgamma, dbeta), (C,) or per sample (N, C). A synchronized BN's dL/dy, when asked for (dx or
+    dw), takes the global means of dz and dz * xhat (rows dbeta / n, dgamma / n; with a
+    per-sample affine dz * gamma[n]); dgamma and dbeta stay the local sums."""
     kernels = _library.conv_bn_act
-    grad_coef = kernels.bn_act_grad_coef(dout, y, coef, spec.act_code, spec.negative_slope,
-                                         training=spec.mode == "train")
+    act = (spec.act_code, spec.negative_slope)
+    training = spec.mode == "train"
+    affine = _sample_affine(gamma, beta, y.shape[0], y.shape[-1], coef)
+    if affine is None:
+        grad_coef = kernels.bn_act_grad_coef(dout, y, coef, *act, training=training)
+        grads = kernels.param_grads(grad_coef)
+    else:
+        grad_coef, sample_grads = kernels.bn_act_sample_grad_coef(dout, y, coef, affine, *act,
+                                                                  training=training)
+        grads = (sample_grads[0], sample_grads[1])
     if spec.group and (mask[0] or mask[1]):
         dbeta, dgamma, count = sync_bn.all_reduce_grad_sums(
             grad_coef[kernels.DBETA.value], grad_coef[kernels.DGAMMA.value],
@@ -303,17 +327,20 @@ def _grad_coef(dout: Tensor, y: Tensor, coef: Tensor, spec: _Spec,
         grad_coef = grad_coef.clone()
         grad_coef[kernels.DBETA_MEAN.value] = dbeta / count
         grad_coef[kernels.DGAMMA_MEAN.value] = dgamma / count
-    return grad_coef
+    return grad_coef, affine, grads
 
 
 def _backward_triton(implementation: str, grad_out: Tensor, x: Tensor, weight: Tensor, y: Tensor,
-                     coef: Tensor, spec: _Spec, mask: tuple[bool, ...]):
+                     coef: Tensor, gamma: Tensor | None, beta: Tensor | None, spec: _Spec,
+                     mask: tuple[bool, ...]):
+    """The "fused" implementation computes dL/dy inside its GEMMs; with a per-sample affine, and
+    for "cudnn-gemm", bn_act_input_grad stores dL/dy and plain GEMMs (fastgen's or torch's) follow."""
     kernels = _library.conv_bn_act
     dout = _nhwc(grad_out.to(y.dtype))
-    grad_coef = _grad_coef(dout, y, coef, spec, mask)
+    grad_coef, affine, (dgamma, dbeta) = _grad_coef(dout, y, coef, gamma, beta, spec, mask)
     dx = dw = None
     act = (spec.act_code, spec.negative_slope)
-    if implementation == "fused":
+    if implementation == "fused" and affine is None:
         if mask[0]:
             dx = _nchw_view(kernels.conv_input_grad(dout, y, grad_coef, weight, tuple(x.shape[2:]),
                                                     spec.stride, spec.padding, spec.transposed, *act))
@@ -321,9 +348,13 @@ def _backward_triton(implementation: str, grad_out: Tensor, x: Tensor, weight: T
             dw = kernels.conv_weight_grad(_nhwc(x), dout, y, grad_coef, weight.shape, spec.stride,
                                           spec.padding, spec.transposed, *act, dtype=weight.dtype)
     elif mask[0] or mask[1]:
-        dy = _nchw_view(kernels.bn_act_input_grad(dout, y, grad_coef, *act))
-        dx, dw = _conv_torch_backward(dy, x, weight, spec, mask)
-    dgamma, dbeta = kernels.param_grads(grad_coef)
+        dy = kernels.bn_act_input_grad(dout, y, grad_coef, *act, affine)
+        if implementation == "fused":
+            dx, dw = kernels.conv_plain_grads(dy, _nhwc(x), weight, spec.stride, spec.padding,
+                                              spec.transposed, mask[:2])
+            dx = None if dx is None else _nchw_view(dx)
+        else:
+            dx, dw = _conv_torch_backward(_nchw_view(dy), x, weight, spec, mask)
     return dx, dw, dgamma, dbeta
 
 
@@ -506,9 +537,11 @@ def _conv_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, y: Tensor, co
     mask = tuple(output_mask)
 
     def triton_path():
+        key = _conv_key(x, weight, spec, _per_sample(bn_weight, bn_bias))
         implementation = CONV_IMPLEMENTATION_TUNER.chosen.get(
-            (x.device.index, _conv_key(x, weight, spec)), CONV_IMPLEMENTATION_TUNER.interpreter)
-        return _backward_triton(implementation, grad_out, x, weight, _nhwc(y), coef, spec, mask)
+            (x.device.index, key), CONV_IMPLEMENTATION_TUNER.interpreter)
+        return _backward_triton(implementation, grad_out, x, weight, _nhwc(y), coef, bn_weight,
+                                bn_bias, spec, mask)
 
     grads = backend.dispatch(
         "conv_bn_act", (grad_out, x, weight), triton_path,
@@ -596,9 +629,12 @@ def _bn_act_op(x: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
     def triton_path():
         x_nhwc = _nhwc(x)
         if spec.mode == "eval":
-            coef = _folded_coef(spec, bn_weight, bn_bias, running_mean, running_var, x.shape[1], x)
-            return _library.conv_bn_act.bn_act_apply(x_nhwc, coef, spec.act_code, negative_slope,
-                                                     _channels_last_out(x)), None, coef, None
+            coef = _folded_coef(spec, *_coef_affine(bn_weight, bn_bias), running_mean, running_var,
+                                x.shape[1], x)
+            out = _library.conv_bn_act.bn_act_apply(
+                x_nhwc, coef, spec.act_code, negative_slope, _channels_last_out(x),
+                _sample_affine(bn_weight, bn_bias, *x.shape[:2], x))
+            return out, None, coef, None
         return _apply_batch_stats(x_nhwc, _library.conv_bn_act.bn_partial_stats(x_nhwc), bn_weight,
                                   bn_bias, running_mean, running_var, spec, _channels_last_out(x))
 
@@ -637,12 +673,12 @@ def _bn_act_backward_op(grad_out: Tensor, x: Tensor, coef: Tensor, bn_weight: Te
     def triton_path():
         kernels = _library.conv_bn_act
         dout, x_nhwc = _nhwc(grad_out.to(x.dtype)), _nhwc(x)
-        grad_coef = _grad_coef(dout, x_nhwc, coef, spec, mask)
+        grad_coef, affine, grads = _grad_coef(dout, x_nhwc, coef, bn_weight, bn_bias, spec, mask)
         dx = None
         if mask[0]:
             dx = _nchw_view(kernels.bn_act_input_grad(dout, x_nhwc, grad_coef, spec.act_code,
-                                                      negative_slope))
-        return (dx, None, *kernels.param_grads(grad_coef))
+                                                      negative_slope, affine))
+        return (dx, None, *grads)
 
     grads = backend.dispatch(
         "bn_act", (grad_out, x), triton_path,
@@ -819,7 +855,12 @@ def conv_bn_act(x: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias: Te
         x: ``(N, C_in, H, W)``, float32 / float16 / bfloat16 (float64 runs too), any memory format.
         weight: ``(C_out, C_in, kH, kW)`` for a conv, ``(C_in, C_out, kH, kW)`` when
             ``transposed``; x's dtype and device. Groups and dilation are not supported.
-        bn_weight, bn_bias: ``(C_out,)`` BN affine parameters, or None for no affine transform.
+        bn_weight, bn_bias: BN affine parameters, or None for no affine transform: ``(C_out,)``
+            per channel, or ``(N, C_out)`` per sample (class-conditional BN, BigGAN:
+            ``z[n, c] = xhat[n, c] * bn_weight[n, c] + bn_bias[n, c]``, the scale taken as
+            given: BigGAN's ``1 + embedding`` is the caller's). One may be per sample and the
+            other per channel. A per-sample layer runs the conv and the BN passes apart (its
+            affine cannot be folded into the GEMM), and its gradients are per sample.
         running_mean, running_var: ``(C_out,)`` float buffers, or None (training only).
         stride, padding, output_padding: ints or pairs; output_padding only when ``transposed``
             and smaller than stride.
@@ -880,8 +921,9 @@ def bn_act(x: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
     updated in place as torch does. Differentiable twice.
 
     Args:
-        x: ``(N, C, H, W)``, floating, any memory format. Other arguments (``process_group``:
-            synchronized BN) as :func:`conv_bn_act`.
+        x: ``(N, C, H, W)``, floating, any memory format. Other arguments (``bn_weight``,
+            ``bn_bias``: ``(C,)`` per channel or ``(N, C)`` per sample, class-conditional BN;
+            ``process_group``: synchronized BN) as :func:`conv_bn_act`.
 
     Returns:
         ``(N, C, H, W)`` in x's dtype.
