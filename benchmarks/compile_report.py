@@ -155,6 +155,8 @@ def _label(name: str, kwargs: dict) -> str:
 
 
 Tiles = list[tuple[dict, bool, "str | None"]]  # (constexpr and option overrides, default, tuner name)
+# The dtypes the conv GEMM family is planned in (TF32 follows from fp32), as torch dtype names.
+GEMM_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def _conv_launches(target: Target) -> Iterator[tuple[Launch, Tiles]]:
@@ -215,14 +217,31 @@ def _conv_launches(target: Target) -> Iterator[tuple[Launch, Tiles]]:
             K.conv_plain_grads(x if transposed else o, o if transposed else x, w, transposed=transposed,
                                mask=(True, True), **geom))),
     }
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    yield from _gemm_family_tiles(_record_calls(_kernels(K), calls, tensors), target)
+
+
+def _record_calls(kernels: list, calls: dict, tensors: Callable) -> list[Launch]:
+    """The launches of ``kernels`` by each host call of ``calls`` (name -> (keyword domains,
+    call(*tensors(dtype), **kwargs))) for every combination of its keywords, in fp32, fp16, bf16."""
+    import torch
+
     launches = []
-    for dtype_name, dtype in dtypes.items():
-        data = tensors(dtype)
+    for dtype_name, torch_name in GEMM_DTYPES.items():
+        data = tensors(getattr(torch, torch_name))
         for name, (domains, call) in calls.items():
             for kwargs in _calls(**domains):
-                launches += _record(_kernels(K), _label(name, kwargs), dtype_name,
+                launches += _record(kernels, _label(name, kwargs), dtype_name,
                                     functools.partial(call, *data, **kwargs))
+    return launches
+
+
+def _gemm_family_tiles(launches: list[Launch], target: Target) -> Iterator[tuple[Launch, Tiles]]:
+    """GPU tiles for launches of the conv GEMM family (kernels/conv_bn_act.py and the modules
+    built on its GEMMs): the conv tuners' candidates, the CUDA blocks of the elementwise passes
+    (BLOCK_M, BLOCK_C), else the launch's own; fp32 GEMMs once more with TF32."""
+    import torch
+    from fastgen.kernels import conv_bn_act as K
+
     cuda = torch.device("cuda", 0)
     # As the host code asks the tuners: candidates that fit the target for this dtype and variant.
     gemm = {K._conv_gemm_kernel: (K.GEMM_TUNER, ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
@@ -233,7 +252,8 @@ def _conv_launches(target: Target) -> Iterator[tuple[Launch, Tiles]]:
     for launch in launches:
         if launch.kernel in gemm:
             tuner, names, operand_tiles = gemm[launch.kernel]
-            candidates = tuner.candidates_for(cuda, dtypes[launch.dtype], (target.arch // 10, 0),
+            candidates = tuner.candidates_for(cuda, getattr(torch, GEMM_DTYPES[launch.dtype]),
+                                              (target.arch // 10, 0),
                                               operand_tiles(launch.kwargs))
             tiles = [(dict(zip(names, (t.m, t.n, t.k)), num_warps=t.num_warps, num_stages=t.num_stages),
                       i == 0, tuner.name) for i, t in enumerate(candidates)]
@@ -244,6 +264,47 @@ def _conv_launches(target: Target) -> Iterator[tuple[Launch, Tiles]]:
         yield launch, tiles
         if launch.dtype == "fp32" and "PRECISION" in launch.kwargs:
             yield dataclasses.replace(launch, dtype="tf32"), [(dict(PRECISION="tf32", **o), d, t) for o, d, t in tiles]
+
+
+def _modconv_launches(target: Target) -> Iterator[tuple[Launch, Tiles]]:
+    """Launches of kernels/modconv.py: its own kernels and the modulated variants of the conv
+    GEMMs it launches (MODULATE, the MODULATED epilogue, NOISE), up 1 (conv) and 2 (transposed)."""
+    import torch
+    from fastgen.activations import ACTIVATIONS
+    from fastgen.kernels import conv_bn_act as K
+    from fastgen.kernels import modconv as M
+
+    acts = tuple(ACTIVATIONS)
+    code = lambda name: ACTIVATIONS[name].code  # noqa: E731
+    bools, ups = (False, True), (1, 2)
+    n, hw, c = 2, 16, 64
+    out_hw = {1: hw, 2: 2 * hw - 1}  # kernel 3, padding 1
+
+    def tensors(dtype):
+        x = torch.randn(n, hw, hw, c, dtype=dtype)
+        outs = {up: torch.randn(n, size, size, c, dtype=dtype) for up, size in out_hw.items()}
+        w = torch.randn(c, c, 3, 3, dtype=dtype)
+        scales = torch.rand(n, c) + 0.5  # styles and demod, float32
+        noises = {up: torch.randn(n, 1, size, size, dtype=dtype) for up, size in out_hw.items()}
+        return x, outs, w, scales, noises
+
+    strength, bias = torch.ones(1), torch.randn(c)
+    calls = {
+        "demodulation": ({}, lambda x, outs, w, s, noises: M.demodulation(w, s, 1e-8)),
+        "modconv_forward": (dict(up=ups, activation=acts, noise=bools, store_pre=bools),
+                            lambda x, outs, w, s, noises, up, activation, noise, store_pre: (
+            M.modconv_forward(x, w, s, s, noises[up] if noise else None, strength, bias, 1, up,
+                              code(activation), 0.2, 2**0.5, store_pre, True))),
+        "epilogue_grads": (dict(activation=acts, noise=bools), lambda x, outs, w, s, noises, activation, noise: (
+            M.epilogue_grads(outs[1], outs[1], s, noises[1] if noise else None, strength, bias,
+                             code(activation), 0.2, 2**0.5))),
+        "modconv_input_grad": (dict(up=ups), lambda x, outs, w, s, noises, up: (
+            M.modconv_input_grad(outs[up], x, w, s, s, 1, up))),
+        "modconv_weight_grad": (dict(up=ups), lambda x, outs, w, s, noises, up: (
+            M.modconv_weight_grad(x, outs[up], s, s, w.shape, 1, up, torch.float32))),
+    }
+    kernels = _kernels(M) + [K._conv_gemm_kernel, K._conv_wgrad_kernel]
+    yield from _gemm_family_tiles(_record_calls(kernels, calls, tensors), target)
 
 
 def _bce_launches(target: Target) -> Iterator[tuple[Launch, Tiles]]:
@@ -313,7 +374,8 @@ def _shape_tiles(launches: list[Launch], default: bool = True) -> Iterator[tuple
 
 
 MODULES: dict[str, Callable[[Target], Iterator[tuple[Launch, Tiles]]]] = {
-    "conv_bn_act": _conv_launches, "bce": _bce_launches, "reparam": _reparam_launches}
+    "conv_bn_act": _conv_launches, "modconv": _modconv_launches, "bce": _bce_launches,
+    "reparam": _reparam_launches}
 
 
 def _aligned_int(value: int, aligned: bool) -> int:

@@ -68,15 +68,15 @@ def _demodulation_kernel(w_ptr, s_ptr, d_ptr, C_out, C_in, KK, eps, ACC: tl.cons
 def _modconv_grad_partials_kernel(dout_ptr, y_ptr, epi_ptr, noise_ptr, strength_ptr, dz_ptr,
                                   part_ptr, pixel_part_ptr, N, HW, C, slope, gain,
                                   NOISE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
-                                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """dz = dout * gain * act'(z), z = y * epi[n, c] + epi[N, c] (+ strength * noise[n, p]) over
-    a (BLOCK_P pixels of sample n) x BLOCK_C tile of NHWC (N, HW, C) tensors; per tile
+    a (BLOCK_M pixels of sample n) x BLOCK_C tile of NHWC (N, HW, C) tensors; per tile
     part[0, n, tile, c] = sum_p dz * y, part[1, n, tile, c] = sum_p dz and
     pixel_part[channel tile, n, p] = sum_c dz."""
     p_tile = tl.program_id(0)
     c_tile = tl.program_id(1)
     n = tl.program_id(2)
-    pixels = p_tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    pixels = p_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = c_tile * BLOCK_C + tl.arange(0, BLOCK_C)
     p_ok = pixels < HW
     col_ok = cols < C
@@ -212,7 +212,7 @@ def epilogue_grads(dout: torch.Tensor, y: torch.Tensor, demod: torch.Tensor,
     _modconv_grad_partials_kernel[grid](
         dout, y, _epilogue_table(demod.to(acc), bias), dz if noise_hw is None else noise_hw,
         dz if strength is None else strength, dz, part, pixel_part, N, HW, C, negative_slope, gain,
-        NOISE=noise_hw is not None, ACT=activation, ACC=tl_acc_dtype(acc), BLOCK_P=block_p,
+        NOISE=noise_hw is not None, ACT=activation, ACC=tl_acc_dtype(acc), BLOCK_M=block_p,
         BLOCK_C=block_c, num_warps=4)
     # Fixed-order sums over the tiles: deterministic.
     sums = part.sum(2)
