@@ -147,14 +147,13 @@ class _ModulatedLayer(nn.Module):
     def forward(self, x: Tensor, w: Tensor, noise_mode: str) -> Tensor:
         styles = self.affine(w) * self.style_gain
         if self.to_rgb:
-            return functional.modulated_conv2d(x, self.weight.to(x.dtype), styles.to(x.dtype), demodulate=False,
-                                               bias=self.bias)
+            return functional.modulated_conv2d(x, self.weight, styles, demodulate=False, bias=self.bias)
         noise = None
         if noise_mode == "random":
             size = x.shape[-1] * self.up
             noise = torch.randn(x.shape[0], 1, size, size, device=x.device, dtype=x.dtype)
         return functional.modulated_conv2d(
-            x, self.weight.to(x.dtype), styles.to(x.dtype), padding=self.padding, up=self.up, noise=noise,
+            x, self.weight, styles, padding=self.padding, up=self.up, noise=noise,
             noise_strength=self.noise_strength if noise is not None else None, bias=self.bias,
             activation="leaky_relu", negative_slope=_SLOPE, gain=_ACT_GAIN)
 
