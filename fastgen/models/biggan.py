@@ -40,12 +40,12 @@ all but the last halving the resolution (S -> 8, then one block at 8x8, BigGAN's
 
 Fused ops: every conditional or plain BN runs with its ReLU as one :func:`fastgen.functional.bn_act`
 (per-sample gamma/beta ``(B, C)`` for the conditional ones); every conv is fastgen's fused conv
-(:func:`fastgen.models._layers.conv_block` without BN: conv + bias + activation, the discriminator's
-first conv of a block with its ReLU, the output conv with its tanh). Both run the Triton kernels on
+(:class:`fastgen.nn.ConvBNAct` without BN: conv + bias + activation, the discriminator's first conv of
+a block with its ReLU, the output conv with its tanh). Both run the Triton kernels on
 CUDA and the PyTorch reference elsewhere, as :func:`fastgen.use_backend` picks.
 
 Sizes (S = 32, 1 channel, 10 classes, ``latent_size=64``, ``embed_size=32``): ``width=32`` (the
-default) gives a generator of 86,465 and a discriminator of 48,033 parameters; ``width=64``, 289,345
+default) gives a generator of 86,369 and a discriminator of 48,033 parameters; ``width=64``, 289,153
 and 190,273.
 Weights start orthogonal (BigGAN's ``G_init='ortho'``), biases at 0.
 """
@@ -57,9 +57,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastgen import functional
-from fastgen.models._layers import conv_block, spectral
+from fastgen.models._layers import activation as _activation, spectral
 from fastgen.models.gan import _check_labels, _check_positive, _num_stages
-from fastgen.nn import BNAct, _bn_arguments
+from fastgen.nn import BNAct, ConvBNAct, _bn_arguments
 
 __all__ = ["BigGANGenerator", "BigGANDiscriminator", "ConditionalBatchNorm2d", "orthogonal_regularization",
            "init_biggan_weights"]
@@ -161,10 +161,11 @@ class ConditionalBatchNorm2d(nn.Module):
 
 
 def _conv(in_channels: int, out_channels: int, kernel_size: int, spectral_norm: bool,
-          activation: str = "identity") -> nn.Module:
-    """A same-size conv (stride 1, padding k // 2) with bias and a fused activation."""
-    return conv_block(in_channels, out_channels, kernel_size, 1, kernel_size // 2, batch_norm=False,
-                      activation=activation, spectral_norm=spectral_norm)
+          activation: str = "identity", *, bias: bool = True) -> ConvBNAct:
+    """A same-size conv (stride 1, padding k // 2) with its activation, fused, and a bias unless a
+    training-mode BN follows that would cancel it."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, 1, kernel_size // 2, bias=bias)
+    return ConvBNAct.from_torch(spectral(conv, spectral_norm), None, _activation(activation))
 
 
 def _up(x: Tensor) -> Tensor:
@@ -178,7 +179,7 @@ class _UpBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, cond_size: int, spectral_norm: bool) -> None:
         super().__init__()
         self.bn1 = ConditionalBatchNorm2d(in_channels, cond_size, spectral_norm=spectral_norm)
-        self.conv1 = _conv(in_channels, out_channels, 3, spectral_norm)
+        self.conv1 = _conv(in_channels, out_channels, 3, spectral_norm, bias=False)  # bn2 cancels a bias
         self.bn2 = ConditionalBatchNorm2d(out_channels, cond_size, spectral_norm=spectral_norm)
         self.conv2 = _conv(out_channels, out_channels, 3, spectral_norm)
         self.skip = _conv(in_channels, out_channels, 1, spectral_norm)
