@@ -187,6 +187,19 @@ def test_training_moves_and_resumes_bit_exactly(tmp_path, image_dir, model):
         assert all(r["ortho"] > 0 for r in records)
 
 
+def test_lazy_r1_is_weighted_by_its_interval(tmp_path, image_dir):
+    """On its steps, R1 every 2 steps with gamma g is R1 every step with gamma 2 g (step 0: both)."""
+    def first_step(run, **options):
+        trainer = Trainer.create(_config("stylegan", tmp_path / run, image_dir, steps=1, **options), progress=False)
+        trainer.fit()
+        return {name: trainer.models[name].state_dict() for name in ("discriminator", "generator")}
+
+    every_step = first_step("every", r1_every=1, r1_gamma=1.0)
+    _assert_same_state(first_step("lazy", r1_every=2, r1_gamma=0.5), every_step)
+    unscaled = first_step("unscaled", r1_every=1, r1_gamma=0.5)["discriminator"]
+    assert any(not torch.equal(unscaled[k], v) for k, v in every_step["discriminator"].items())
+
+
 def test_cli_trains_samples_and_evaluates(tmp_path, capsys, image_dir):
     fast = ["--data-dir", image_dir, "--batch-size", "8", "--backend", "reference", "--no-progress"]
     runs = {model: tmp_path / model for model in ("stylegan", "biggan")}
