@@ -293,8 +293,9 @@ def _modconv_launches(target: Target) -> Iterator[tuple[Launch, Tiles]]:
         "demodulation": ({}, lambda x, outs, w, s, noises: M.demodulation(w, s, 1e-8)),
         "modconv_forward": (dict(up=ups, activation=acts, noise=bools, store_pre=bools),
                             lambda x, outs, w, s, noises, up, activation, noise, store_pre: (
-            M.modconv_forward(x, w, s, s, noises[up] if noise else None, strength, bias, 1, up,
-                              code(activation), 0.2, 2**0.5, store_pre, True))),
+            M.modconv_forward(x, w, s, s, noises[up] if noise else None, strength, bias,
+                              (out_hw[up],) * 2, 1, up, code(activation), 0.2, 2**0.5, store_pre,
+                              True))),
         "epilogue_grads": (dict(activation=acts, noise=bools), lambda x, outs, w, s, noises, activation, noise: (
             M.epilogue_grads(outs[1], outs[1], s, noises[1] if noise else None, strength, bias,
                              code(activation), 0.2, 2**0.5))),

@@ -113,13 +113,6 @@ def _gemm_weight(weight: torch.Tensor, up: int) -> torch.Tensor:
     return weight if up == 1 else weight.transpose(0, 1)
 
 
-def _out_hw(in_hw: tuple[int, int], kernel: tuple[int, int], padding: int,
-            up: int) -> tuple[int, int]:
-    if up == 1:
-        return tuple(i + 2 * padding - k + 1 for i, k in zip(in_hw, kernel))
-    return tuple((i - 1) * up - 2 * padding + k for i, k in zip(in_hw, kernel))
-
-
 def _epilogue_table(scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """MODULATED's epi: (N + 1, C) rows, the per-sample scales then the bias (zeros without)."""
     bias_row = (torch.zeros_like(scale[:1]) if bias is None
@@ -154,30 +147,33 @@ def demodulation(weight: torch.Tensor, styles: torch.Tensor, eps: float) -> torc
 
 def modconv_forward(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor,
                     demod: torch.Tensor | None, noise: torch.Tensor | None,
-                    noise_strength: torch.Tensor | None, bias: torch.Tensor | None, padding: int,
-                    up: int, activation: int, negative_slope: float, gain: float, store_pre: bool,
-                    channels_last: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    noise_strength: torch.Tensor | None, bias: torch.Tensor | None,
+                    out_hw: tuple[int, int], padding: int, up: int, activation: int,
+                    negative_slope: float, gain: float, store_pre: bool, channels_last: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One GEMM launch: out = act(demod * conv(x * styles, weight) + strength * noise + bias) * gain.
 
     Args:
         x: (N, H, W, C_in) contiguous; weight: (C_out, C_in, kH, kW), x's dtype; styles: (N, C_in).
         demod: (N, C_out) from :func:`demodulation`, or None (no demodulation).
         noise: (N, 1, H_out, W_out) or None; noise_strength: one element or None (1).
-        bias: (C_out,) or None. activation: the code of fastgen's activation table.
+        bias: (C_out,) or None. out_hw: (H_out, W_out) of the conv (``up=1``) or the stride-2
+            transposed conv (``up=2``) with this ``padding``.
+        activation: the code of fastgen's activation table.
         store_pre: also return y = conv(x * styles, weight) (for the backward).
         channels_last: out's memory format (else contiguous NCHW).
 
     Returns:
         out: (N, C_out, H_out, W_out); y or None: (N, H_out, W_out, C_out); both in x's dtype.
     """
-    N, H, W, _ = x.shape
+    N = x.shape[0]
     acc = acc_dtype(x.dtype)
     stride, pad, transposed = _geometry(padding, up)
-    out_hw = _out_hw((H, W), tuple(weight.shape[2:]), padding, up)
     scale = (torch.ones((N, weight.shape[0]), dtype=acc, device=x.device) if demod is None
              else demod.to(acc))
     noise_hw, strength = _noise_args(noise, noise_strength, x)
-    y, out, _ = _conv_gemm(x, _gemm_weight(weight, up), out_hw, stride, pad, transposed, MODULATED.value,
+    y, out, _ = _conv_gemm(x, _gemm_weight(weight, up), out_hw, stride, pad, transposed,
+                           MODULATED.value,
                            modulation=styles.to(acc).contiguous(),
                            epi=_epilogue_table(scale, bias), noise=noise_hw,
                            noise_strength=strength, activation=activation,
@@ -238,7 +234,8 @@ def modconv_input_grad(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     H, W = x.shape[1:3]
     acc = acc_dtype(x.dtype)
     stride, pad, transposed = _geometry(padding, up)
-    g, dx, _ = _conv_gemm(dz, _gemm_weight(weight, up), (H, W), stride, pad, not transposed, MODULATED.value,
+    g, dx, _ = _conv_gemm(dz, _gemm_weight(weight, up), (H, W), stride, pad, not transposed,
+                          MODULATED.value,
                           modulation=demod.to(acc).contiguous(),
                           epi=_epilogue_table(styles.to(acc), None), store_pre=True,
                           channels_last=True)

@@ -87,11 +87,13 @@ def test_reference_is_stylegan2s_per_sample_convolution():
     """The reference's grouped convolution against its definition, one sample at a time, for up
     1 and 2 (the per-sample weight transposed to conv_transpose2d's (C_in, C_out, kH, kW))."""
     torch.manual_seed(0)
-    x, weight, styles = torch.randn(3, 5, 6, 5, dtype=torch.float64), torch.randn(7, 5, 3, 3, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
-    noise, strength, bias = torch.randn(3, 1, 11, 9, dtype=torch.float64), torch.randn(1, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    randn = lambda *shape: torch.randn(*shape, dtype=torch.float64)  # noqa: E731
+    x, weight, styles = randn(3, 5, 6, 5), randn(7, 5, 3, 3), randn(3, 5)
+    noise, strength, bias = randn(3, 1, 11, 9), randn(1), randn(7)
     for up in (1, 2):
-        out = reference.modulated_conv2d(x, weight, styles, padding=1, up=up, activation="leaky_relu",
-                                         gain=SQRT2, **(dict(noise=noise, noise_strength=strength, bias=bias) if up == 2 else {}))
+        extra = dict(noise=noise, noise_strength=strength, bias=bias) if up == 2 else {}
+        out = reference.modulated_conv2d(x, weight, styles, padding=1, up=up,
+                                         activation="leaky_relu", gain=SQRT2, **extra)
         for b in range(3):
             w = weight * styles[b].view(1, -1, 1, 1)
             w = w / (w.square().sum((1, 2, 3), keepdim=True) + 1e-8).sqrt()

@@ -115,9 +115,10 @@ def _forward_triton(x: Tensor, weight: Tensor, styles: Tensor, noise: Tensor | N
                     save_pre: bool):
     kernels = _library.modconv
     demod = kernels.demodulation(weight, styles, spec.eps) if spec.demodulate else None
+    out_hw = _out_hw(tuple(x.shape[2:]), tuple(weight.shape[2:]), spec.padding, spec.up)
     out, y = kernels.modconv_forward(
-        _nhwc(x), weight, styles, demod, noise, noise_strength, bias, spec.padding, spec.up,
-        spec.act_code, spec.negative_slope, spec.gain, save_pre, _channels_last_out(x))
+        _nhwc(x), weight, styles, demod, noise, noise_strength, bias, out_hw, spec.padding,
+        spec.up, spec.act_code, spec.negative_slope, spec.gain, save_pre, _channels_last_out(x))
     if save_pre and demod is None:
         demod = torch.ones((x.shape[0], weight.shape[0]), dtype=_acc(x.dtype), device=x.device)
     return out, y, demod
