@@ -10,7 +10,8 @@ w[o, i] * s[n, i] are never built: the conv is linear in its input, so
     z = y * d[n, o] + bias[o] + strength * noise[n, oh, ow],   out = act(z) * gain   (epilogue)
 
 one GEMM launch (its MODULATED epilogue) after the small demodulation kernel. Without
-demodulation d = 1.
+demodulation d = 1. The scaled operand x * s is rounded to x's dtype before the MMA (fp16 / bf16:
+as a per-sample weight in that dtype would be); sums accumulate in fp32.
 
 Backward (e = -d^3 / 2 * dd):
 

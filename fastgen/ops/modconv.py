@@ -19,7 +19,9 @@ Backward, with ``z = demod * y + noise_strength * noise + bias`` (every path):
         dweight += 2 weight * (e^T @ styles^2)
 
 The reference path computes y with per-sample weights (grouped conv, ``fastgen.reference``) and
-its gradients with torch's convolution backward; the Triton path is kernels/modconv.py.
+its gradients with torch's convolution backward; the Triton path is kernels/modconv.py (the GEMMs,
+the demodulation and the dz pass in Triton; the fixed-order sums of the dz pass's partials, the
+noise gradients, ``sum_p x * g`` and the demodulation chain in torch, here and there).
 """
 
 from __future__ import annotations
@@ -195,7 +197,7 @@ def _backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor, styles: Tensor
                                                  spec.up)
     if mask[1]:
         dweight = kernels.modconv_weight_grad(x_nhwc, dz, styles, demod, weight.shape,
-                                              spec.padding, spec.up, weight.dtype)
+                                              spec.padding, spec.up, demod.dtype)
     return (dx, dweight, dstyles, *_noise_grads(dz_pixels, noise, noise_strength, mask), dbias,
             ddemod)
 
