@@ -60,8 +60,8 @@ def test_shapes_and_range(image_size, channels):
 def test_documented_parameter_counts():
     """The sizes the module docstring states (S = 32, 1 channel, 10 classes, z 64, embedding 32)."""
     counts = {width: (_num_params(BigGANGenerator(width=width)), _num_params(BigGANDiscriminator(width=width)))
-              for width in (32, 64)}
-    assert counts == {32: (86_369, 48_033), 64: (289_153, 190_273)}
+              for width in (16, 32, 64)}
+    assert counts == {16: (28_753, 12_241), 32: (86_369, 48_033), 64: (289_153, 190_273)}
 
 
 def test_argument_and_label_checks():

@@ -44,9 +44,9 @@ Fused ops: every conditional or plain BN runs with its ReLU as one :func:`fastge
 a block with its ReLU, the output conv with its tanh). Both run the Triton kernels on
 CUDA and the PyTorch reference elsewhere, as :func:`fastgen.use_backend` picks.
 
-Sizes (S = 32, 1 channel, 10 classes, ``latent_size=64``, ``embed_size=32``): ``width=32`` (the
-default) gives a generator of 86,369 and a discriminator of 48,033 parameters; ``width=64``, 289,153
-and 190,273.
+Sizes (S = 32, 1 channel, 10 classes, ``latent_size=64``, ``embed_size=32``), generator and
+discriminator parameters: ``width=16``, 28,753 and 12,241; ``width=32`` (the default), 86,369 and
+48,033; ``width=64``, 289,153 and 190,273.
 Weights start orthogonal (BigGAN's ``G_init='ortho'``), biases at 0.
 """
 
