@@ -11,6 +11,7 @@ from torch import nn
 import fastgen
 from fastgen.models.biggan import (BigGANDiscriminator, BigGANGenerator, ConditionalBatchNorm2d, _DownBlock,
                                    _UpBlock, orthogonal_regularization)
+from fastgen.nn import convert_sync_batchnorm
 from fastgen.train.trainer import EMA
 from tests.test_gan_models import _assert_triton_matches_reference
 
@@ -132,6 +133,8 @@ def test_conditional_batchnorm_formula():
     torch_bn = nn.BatchNorm2d(3, momentum=0.3, affine=False)
     x, c = torch.randn(4, 3, 5, 2) * 2 + 1, torch.randn(4, 5)
     gamma, beta = 1 + c @ cbn.scale.weight.T, c @ cbn.shift.weight.T
+    # Its BN is one that convert_sync_batchnorm synchronizes; without a process group, as before.
+    assert convert_sync_batchnorm(cbn) is cbn and cbn.bn.sync_bn
     for training in (True, False):
         cbn.train(training), torch_bn.train(training)
         expected = F.relu(torch_bn(x) * gamma[:, :, None, None] + beta[:, :, None, None])

@@ -89,8 +89,8 @@ def orthogonal_regularization(module: nn.Module, beta: float = 1e-4) -> Tensor:
 
     with ``W`` a conv or linear layer's trained weight as a matrix ``(out, in * kH * kW)``
     (``(in, out * kH * kW)`` for a transposed conv: its first dimension, as BigGAN flattens) and
-    ``*`` the elementwise product: the squared cosines between filters, not their norms, are
-    penalized, so spectral norm and this regularization go together. Embeddings and 1-D parameters
+    ``*`` the elementwise product: the squared inner products between different filters are
+    penalized, not the filters' norms (which spectral norm sets). Embeddings and 1-D parameters
     (biases, BN) are not regularized. Under spectral norm the raw weight
     (``parametrizations.weight.original``) is the one penalized, as in BigGAN.
 
@@ -150,7 +150,7 @@ class ConditionalBatchNorm2d(nn.Module):
         self.shift = spectral(nn.Linear(cond_size, num_features, bias=False), spectral_norm)
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
-        if cond.dim() != 2 or cond.shape != (x.shape[0], self.scale.in_features):
+        if cond.shape != (x.shape[0], self.scale.in_features):
             raise ValueError(f"cond: expected shape ({x.shape[0]}, {self.scale.in_features}), "
                              f"got {tuple(cond.shape)}")
         bn = self.bn
