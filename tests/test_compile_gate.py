@@ -15,7 +15,9 @@ import pytest
 
 from benchmarks import compile_report
 
-GEMM_KERNELS = ("conv_bn_act._conv_gemm_kernel", "conv_bn_act._conv_wgrad_kernel")
+# The conv GEMMs, and their modulated variants that kernels/modconv.py launches.
+GEMM_KERNELS = ("conv_bn_act._conv_gemm_kernel", "conv_bn_act._conv_wgrad_kernel",
+                "modconv._conv_gemm_kernel", "modconv._conv_wgrad_kernel")
 
 
 def _cuda_backend() -> bool:
