@@ -45,8 +45,9 @@ COMPILED = {"fastgen-compile": ("fastgen", "default"), "compile": ("eager", "def
             "compile-max-autotune": ("eager", "max-autotune")}
 KINDS = ("op", "layer", "model", "train")  # what a row costs to compile (benchmarks/plan.py)
 # Extra rows behind a flag (benchmarks/session.py, run.py --with): the report's bars do not need
-# them, and max-autotune alone costs minutes of compiles per conv shape.
-FLAGS = ("fp32", "fwd", "max-autotune")
+# them, and max-autotune alone costs minutes of compiles per conv shape; "stylegan": the StyleGAN2
+# and BigGAN layers (no bar; the 9-minute session has no room for them beside the bars' rows).
+FLAGS = ("fp32", "fwd", "max-autotune", "stylegan")
 IMPL_FLAGS = {"compile-max-autotune": "max-autotune"}
 EAGER_COMPILED = ("compile", "compile-max-autotune")
 
@@ -408,6 +409,73 @@ def layer_cases(smoke: bool = False) -> list[Case]:
 
 
 # ----------------------------------------------------------------------------------------------
+# StyleGAN2 and BigGAN layers (issue 14)
+
+# StyleGAN2 at 256 px: 512 channels from 8x8 to 64x64 (3x3, padding 1, demodulated, noise, bias,
+# leaky ReLU with gain sqrt(2)); batch 32. Eager is StyleGAN2's own grouped-conv formulation.
+MODCONV_SIZES = (8, 16, 32, 64)
+MODCONV_CHANNELS, MODCONV_BATCH, MODCONV_KERNEL = 512, 32, 3
+
+
+def _modconv_fn(functional) -> Callable[..., Tensor]:
+    return lambda x, w, s, noise, strength, bias: functional.modulated_conv2d(
+        x, w, s, padding=MODCONV_KERNEL // 2, noise=noise, noise_strength=strength, bias=bias,
+        activation="leaky_relu", negative_slope=0.2, gain=2 ** 0.5)
+
+
+def modconv_cases(smoke: bool = False) -> list[Case]:
+    """modulated_conv2d fwd+bwd at StyleGAN2 256px layer shapes, bf16 (smoke: one tiny fp32 case)."""
+    channels, batch = (8, 2) if smoke else (MODCONV_CHANNELS, MODCONV_BATCH)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    cases = []
+    for size in (6,) if smoke else MODCONV_SIZES:
+        x_count, w_count = batch * channels * size * size, channels * channels * MODCONV_KERNEL ** 2
+
+        def make_inputs(device, size=size):
+            x = torch.randn(batch, channels, size, size, device=device).to(dtype, memory_format=torch.channels_last)
+            w = torch.randn(channels, channels, MODCONV_KERNEL, MODCONV_KERNEL, device=device).to(dtype)
+            s = (torch.randn(batch, channels, device=device) * 0.2 + 1).to(dtype)
+            noise = torch.randn(batch, 1, size, size, device=device).to(dtype)
+            strength, bias = torch.full((1,), 0.1, device=device), torch.randn(channels, device=device) * 0.1
+            return (*(t.requires_grad_() for t in (x, w, s)), noise,
+                    strength.to(dtype).requires_grad_(), bias.to(dtype).requires_grad_())
+
+        cases.append(Case(
+            "modulated_conv2d", f"StyleGAN2 {size}x{size} C={channels} B={batch} {_dtype_name(dtype)} fwd+bwd",
+            make_inputs, {"fastgen": _modconv_fn(F), "eager": _modconv_fn(R)}, reference_expected(_modconv_fn(R)),
+            # read x, w, styles; write out; read it back with x, w; write dx, dw (as a conv layer)
+            floor_bytes=dtype.itemsize * (3 * x_count + 3 * w_count + 2 * x_count),
+            traffic_bytes=None, tolerance=1e-4 if smoke else CONV_TOLERANCE[dtype], kind="layer",
+            dtype=dtype, layers=(f"StyleGAN2-{size}",), flops=3 * 2 * w_count * batch * size * size,
+            flag=None if smoke else "stylegan"))
+    return cases
+
+
+def conditional_bn_cases(smoke: bool = False) -> list[Case]:
+    """bn_act with per-sample (BigGAN class-conditional) gamma and beta ``(B, C)``, training,
+    ReLU, fwd+bwd: a BigGAN-128 generator block's BN at batch 256, bf16."""
+    batch, channels, size = (3, 5, 5) if smoke else (256, 256, 32)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    numel = batch * channels * size * size
+
+    def make_inputs(device):
+        x = torch.randn(batch, channels, size, size, device=device).to(dtype, memory_format=torch.channels_last)
+        gamma = 1 + 0.1 * torch.randn(batch, channels, device=device)
+        beta = 0.1 * torch.randn(batch, channels, device=device)
+        return tuple(t.requires_grad_() for t in (x, gamma, beta))
+
+    def fn(functional):
+        return lambda x, gamma, beta: functional.bn_act(x, gamma, beta, None, None, activation="relu")
+
+    return [Case(
+        "bn_act[per-sample affine]", f"{batch}x{channels}x{size}x{size} {_dtype_name(dtype)} fwd+bwd",
+        make_inputs, {"fastgen": fn(F), "eager": fn(R)}, reference_expected(fn(R)),
+        # read x; write out; read dout and x (or y) back; write dx (gamma/beta are B x C, small)
+        floor_bytes=dtype.itemsize * 4 * numel, traffic_bytes=None,
+        tolerance=1e-4 if smoke else 2e-2, kind="op", dtype=dtype, flag=None if smoke else "stylegan")]
+
+
+# ----------------------------------------------------------------------------------------------
 # Whole DCGAN G and D, and a full training step, built from fastgen's own models
 # (fastgen.models.DCGANGenerator / DCGANDiscriminator). Their plain-PyTorch twins (eager,
 # compile) have the same modules, parameters and state_dict keys, unfused.
@@ -580,4 +648,5 @@ def model_cases(smoke: bool = False) -> list[Case]:
 
 def all_cases(smoke: bool = False) -> list[Case]:
     """Every benchmark case, op family by op family."""
-    return loss_cases(smoke) + reparam_cases(smoke) + layer_cases(smoke) + model_cases(smoke)
+    return (loss_cases(smoke) + reparam_cases(smoke) + layer_cases(smoke) + modconv_cases(smoke)
+            + conditional_bn_cases(smoke) + model_cases(smoke))

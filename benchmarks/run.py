@@ -2,6 +2,7 @@
 
     python benchmarks/run.py                 # on a CUDA machine; writes benchmarks/results/
     python benchmarks/run.py --with fp32,fwd,max-autotune   # and the rows behind those flags
+    python benchmarks/run.py --with stylegan --only 'modulated|per-sample'   # the issue-14 layers
     python benchmarks/run.py --smoke --out-dir /tmp/r   # tiny shapes on CPU: proves the harness
     python benchmarks/run.py --plan          # the GPU session's plan (benchmarks/session.py)
 
