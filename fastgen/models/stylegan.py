@@ -7,11 +7,12 @@ Generator, ``z -> w -> image``:
   (leaky ReLU) with a learning-rate multiplier ``lr_mul`` (0.01), giving ``w`` of the latent's size;
   ``w_avg``, a buffer, tracks the mean ``w`` in training (``w_avg <- lerp(mean w, w_avg, 0.995)``);
 - truncation at sampling: ``w <- w_avg + psi (w - w_avg)``;
-- synthesis network: a learned constant 4x4 input, then per resolution a 3x3 modulated conv
-  (4x4 only), or a 4x4 stride-2 modulated transposed conv (up-sampling) and a 3x3 modulated conv,
-  each with per-pixel noise (a learned strength), bias and leaky ReLU 0.2 with gain sqrt(2); a 1x1
-  toRGB (modulated, not demodulated) per resolution whose outputs sum through bilinear up-sampling
-  (StyleGAN2's skip generator). No output activation: images are unbounded around [-1, 1];
+- synthesis network: a learned constant 4x4 input and a 3x3 modulated conv at 4x4, then per
+  doubling of the resolution a 4x4 stride-2 modulated transposed conv (up-sampling H -> 2H; without
+  StyleGAN2's FIR blur, which the op leaves out) and a 3x3 modulated conv, each with per-pixel noise
+  (a learned strength), bias and leaky ReLU 0.2 with gain sqrt(2); a 1x1 toRGB (modulated, not
+  demodulated) per resolution, whose outputs sum through bilinear up-sampling (StyleGAN2's skip
+  generator). No output activation: images are unbounded around [-1, 1];
 - style mixing regularization: in training, with probability ``style_mixing`` (0.9), the layers
   from a random cutoff on take the ``w`` of a second latent. The draws come from torch's global RNG,
   so a seeded run repeats exactly.
