@@ -36,20 +36,20 @@ def poisoned(nan_poison):
     """Unwritten kernel outputs show as NaN."""
 
 
-def _param(per_sample: bool | None, shift: float, generator: torch.Generator,
-           dtype: torch.dtype) -> torch.Tensor | None:
-    if per_sample is None:
-        return None
-    shape = (BATCH, CHANNELS) if per_sample else (CHANNELS,)
-    return (torch.randn(shape, generator=generator, dtype=torch.float64) + shift).to(dtype)
-
-
-def _inputs(x_shape, w_shape, affine: tuple, dtype: torch.dtype, seed: int = 0) -> dict:
+def _inputs(x_shape, w_shape, affine: tuple, dtype: torch.dtype, seed: int = 0,
+            param_dtype: torch.dtype | None = None) -> dict:
+    """x, weight (None without a conv: BN of x alone), gamma and beta per sample (N, C), per
+    channel (C,) or None as ``affine`` says, running statistics; ``param_dtype``: the BN
+    parameters' and buffers' dtype (default ``dtype``)."""
     g = torch.Generator().manual_seed(seed)
-    rand = lambda *s: torch.randn(s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
-    return dict(x=rand(*x_shape), weight=None if w_shape is None else 0.3 * rand(*w_shape),
-                gamma=_param(affine[0], 1.0, g, dtype), beta=_param(affine[1], 0.0, g, dtype),
-                running_mean=rand(CHANNELS), running_var=rand(CHANNELS).abs() + 0.5)
+    rand = lambda *s: torch.randn(s, generator=g, dtype=torch.float64)  # noqa: E731
+    batch, channels = x_shape[0], CHANNELS if w_shape else x_shape[1]
+    params = [None if per_sample is None else
+              (rand(*((batch, channels) if per_sample else (channels,))) + shift).to(param_dtype or dtype)
+              for per_sample, shift in zip(affine, (1.0, 0.0))]
+    return dict(x=rand(*x_shape).to(dtype), weight=None if w_shape is None else 0.3 * rand(*w_shape).to(dtype),
+                gamma=params[0], beta=params[1], running_mean=rand(channels).to(param_dtype or dtype),
+                running_var=(rand(channels).abs() + 0.5).to(param_dtype or dtype))
 
 
 def _run(fn, inputs: dict, kwargs: dict, grad_out: torch.Tensor | None = None, dtype=None):
@@ -84,6 +84,29 @@ def test_bn_act_matches_the_reference(affine, training, activation):
     inputs = _inputs((BATCH, CHANNELS, 15, 11), None, AFFINES[affine], torch.float32)
     kwargs = dict(training=training, momentum=0.3, activation=activation, negative_slope=0.1)
     _check_against_reference(FF.bn_act, reference.bn_act, inputs, kwargs)
+
+
+@pytest.mark.parametrize("shape, training", [((1, 5, 1, 3), True), ((2, 5, 1, 1), False),
+                                             ((4, 3, 1, 1), True), ((3, 1, 1, 1), False)], ids=str)
+def test_bn_act_batch_and_pixel_edges(shape, training):
+    """One sample, one pixel per sample, one channel (not in training: with two values per
+    channel dx is mostly cancellation, which fp32 cannot match to 1e-5)."""
+    inputs = _inputs(shape, None, AFFINES["both"], torch.float32)
+    _check_against_reference(FF.bn_act, reference.bn_act, inputs,
+                             dict(training=training, activation="leaky_relu"))
+
+
+def test_bn_act_float16():
+    """float16 activations with float32 parameters (as under autocast): statistics and the affine
+    in float32, within fp16's tolerance."""
+    inputs = _inputs((BATCH, CHANNELS, 7, 5), None, AFFINES["both"], torch.float16,
+                     param_dtype=torch.float32)
+    ref, grad_out = _run(reference.bn_act, inputs, dict(activation="relu"), dtype=torch.float64)
+    with fastgen.use_backend("triton"):
+        got, _ = _run(FF.bn_act, inputs, dict(activation="relu"), grad_out.half())
+    assert got[0].dtype == torch.float16 and got[4].dtype == torch.float32
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert rel_err(a, b) < 1e-2, i
 
 
 CONVS = {  # (x shape, weight shape, geometry)
