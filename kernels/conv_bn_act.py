@@ -113,6 +113,8 @@ ELEMENTWISE_BLOCKS, INTERPRETER_ELEMENTWISE_BLOCKS = (64, 64), (128, 32)
 COMBINE_T, COMBINE_C = 128, 16
 # Pixels (N * H * W) a conv GEMM's input or output may have: pixel indices are int32.
 MAX_PIXELS = 2**31 - 1
+# Programs along a CUDA grid's third axis: the samples of a per-sample BN pass.
+MAX_GRID_Z = 65535
 
 # Kernels may read only tl.constexpr globals; host code uses their .value.
 # Coefficient rows (bn_combine_stats, bn_act_grad_coef): the first four are the forward's.
@@ -905,6 +907,9 @@ def _rows_grid(y: torch.Tensor, affine: torch.Tensor | None) -> tuple[tuple[int,
     block_m, block_c = _elementwise_blocks(y.device)
     if affine is None:
         return (triton.cdiv(N * H * W, block_m), triton.cdiv(C, block_c), 1), block_m, block_c
+    if N > MAX_GRID_Z:
+        raise ValueError(f"y: {N} samples; a per-sample BN affine takes at most {MAX_GRID_Z} per "
+                         "call (a CUDA grid's third axis): split the batch")
     return (triton.cdiv(H * W, block_m), triton.cdiv(C, block_c), N), block_m, block_c
 
 

@@ -252,6 +252,13 @@ def test_bad_affine_shapes_are_named(name, shape):
         FF.conv_bn_act(x, w, params["bn_weight"], params["bn_bias"], None, None)
 
 
+def test_more_samples_than_a_grid_axis_is_a_clear_error():
+    n = kernels.MAX_GRID_Z + 1
+    y, coef, affine = torch.zeros(n, 1, 1, 1), torch.zeros(4, 1), torch.zeros(2, n, 1)
+    with pytest.raises(ValueError, match=f"y: {n} samples; a per-sample BN affine takes at most"):
+        kernels.bn_act_apply(y, coef, 0, 0.0, False, affine)
+
+
 # ----------------------------------------------------------------------------------------------
 # Synchronized BN with a per-sample affine: two gloo ranks on loopback, shards of 1 and 2 samples
 
