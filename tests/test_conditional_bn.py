@@ -214,25 +214,33 @@ def test_opcheck_with_per_sample_affine(backend):
             torch.library.opcheck(op, args)
 
 
+SECOND_ORDER = {  # op, its functions (fused, reference), input shapes (x, [weight,] gamma, beta), keywords
+    "bn_act": (FF.bn_act, reference.bn_act, ((2, 3, 3, 2), (2, 3), (2, 3)),
+               dict(activation="leaky_relu")),
+    "conv_bn_act": (FF.conv_bn_act, reference.conv_bn_act, ((2, 3, 4, 4), (3, 3, 3, 3), (2, 3), (3,)),
+                    dict(padding=1, activation="tanh")),
+}
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_second_derivatives_are_the_references(backend, training):
-    """d/dinputs of a squared-gradient penalty through bn_act with a per-sample affine (the
+@pytest.mark.parametrize("op", SECOND_ORDER)
+def test_second_derivatives_are_the_references(op, backend, training):
+    """d/dinputs of a squared-gradient penalty through the op with a per-sample affine (the
     reference's double backward), float64."""
+    fused, ref, shapes, kw = SECOND_ORDER[op]
     g = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(s, generator=g, dtype=torch.float64).requires_grad_()
-              for s in ((2, 3, 3, 2), (2, 3), (2, 3))]
+    inputs = [torch.randn(s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes]
     rm, rv = torch.randn(3, dtype=torch.float64, generator=g), torch.rand(3, dtype=torch.float64) + 0.5
-    kw = dict(training=training, activation="leaky_relu")
 
     def second_order(fn):
-        out = fn(*inputs, rm.clone(), rv.clone(), **kw)
+        out = fn(*inputs, rm.clone(), rv.clone(), training=training, **kw)
         grads = torch.autograd.grad(out, inputs, torch.ones_like(out).cumsum(0), create_graph=True)
         return [t.detach() for t in grads], torch.autograd.grad(sum(t.square().sum() for t in grads), inputs)
 
     with fastgen.use_backend(backend):
-        grads, seconds = second_order(FF.bn_act)
-    ref_grads, ref_seconds = second_order(reference.bn_act)
+        grads, seconds = second_order(fused)
+    ref_grads, ref_seconds = second_order(ref)
     for got, want in zip(grads + list(seconds), ref_grads + list(ref_seconds)):
         assert rel_err(got, want) < 1e-7
 
