@@ -245,16 +245,17 @@ def _gemm_family_tiles(launches: list[Launch], target: Target) -> Iterator[tuple
     cuda = torch.device("cuda", 0)
     # As the host code asks the tuners: candidates that fit the target for this dtype and variant.
     gemm = {K._conv_gemm_kernel: (K.GEMM_TUNER, ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
-                                  lambda kw: K.gemm_operand_tiles(kw["BN_GRAD"])),
+                                  lambda kw, size: K.gemm_operand_tiles(kw["BN_GRAD"], kw["MODULATE"], size)),
             K._conv_wgrad_kernel: (K.WGRAD_TUNER, ("BLOCK_G", "BLOCK_D", "BLOCK_M"),
-                                   lambda kw: K.wgrad_operand_tiles(
-                                       kw["BN_GRAD_G"], kw["BN_GRAD_G"] or kw["BN_GRAD_D"]))}
+                                   lambda kw, size: K.wgrad_operand_tiles(
+                                       kw["BN_GRAD_G"], kw["BN_GRAD_G"] or kw["BN_GRAD_D"],
+                                       kw["MODULATE"], size))}
     for launch in launches:
         if launch.kernel in gemm:
             tuner, names, operand_tiles = gemm[launch.kernel]
-            candidates = tuner.candidates_for(cuda, getattr(torch, GEMM_DTYPES[launch.dtype]),
-                                              (target.arch // 10, 0),
-                                              operand_tiles(launch.kwargs))
+            dtype = getattr(torch, GEMM_DTYPES[launch.dtype])
+            candidates = tuner.candidates_for(cuda, dtype, (target.arch // 10, 0),
+                                              operand_tiles(launch.kwargs, dtype.itemsize))
             tiles = [(dict(zip(names, (t.m, t.n, t.k)), num_warps=t.num_warps, num_stages=t.num_stages),
                       i == 0, tuner.name) for i, t in enumerate(candidates)]
         elif "BLOCK_C" in launch.kwargs and "BLOCK_T" not in launch.kwargs:

@@ -628,17 +628,25 @@ def _bn_act_input_grad_kernel(dout_ptr, y_ptr, coef_ptr, affine_ptr, dy_ptr, M, 
 # Host wrappers
 
 
-def gemm_operand_tiles(bn_grad: bool) -> tuple[int, int]:
-    """Tiles the conv GEMM loads per step for (A, w): A is dL/dy from dL/dout and y with BN_GRAD."""
-    return (2, 1) if bn_grad else (1, 1)
+def _scale_tiles(modulate: bool, itemsize: int) -> int:
+    """Operand-sized tiles of the float32 per-sample scales a MODULATE operand loads per step
+    (the software pipeline buffers them like the operand: the compile report's sm_80 cubins)."""
+    return max(1, 4 // itemsize) if modulate else 0
 
 
-def wgrad_operand_tiles(transposed: bool, bn_grad: bool) -> tuple[int, int]:
+def gemm_operand_tiles(bn_grad: bool, modulate: bool, itemsize: int) -> tuple[int, int]:
+    """Tiles the conv GEMM loads per step for (A, w), operands of ``itemsize`` bytes: A is dL/dy
+    from dL/dout and y with BN_GRAD, scaled by per-sample factors with MODULATE."""
+    return (1 + bn_grad + _scale_tiles(modulate, itemsize), 1)
+
+
+def wgrad_operand_tiles(transposed: bool, bn_grad: bool, modulate: bool,
+                        itemsize: int) -> tuple[int, int]:
     """Tiles the weight gradient loads per step for (G, D): with ``bn_grad`` the one that is
-    dL/dy (D for a conv, G transposed) takes two."""
-    if not bn_grad:
-        return (1, 1)
-    return (2, 1) if transposed else (1, 2)
+    dL/dy (D for a conv, G transposed) takes two; with ``modulate`` both are scaled."""
+    scales = _scale_tiles(modulate, itemsize)
+    dy_g, dy_d = (bn_grad and transposed, bn_grad and not transposed)
+    return (1 + dy_g + scales, 1 + dy_d + scales)
 
 
 def _check_pixels(**pixels: int) -> None:
@@ -736,7 +744,8 @@ def _conv_gemm(a: torch.Tensor, weight: torch.Tensor, out_hw: tuple[int, int],
     key = (batch_bucket(N), H, W, C_a, out_hw, C_b, KH, KW, stride, padding, transposed, epilogue,
            pre is not None, modulation is not None, noise is not None, store_pre, a.dtype, precision)
     # With BN_GRAD each step loads two A tiles (dL/dout and y) into the pipeline.
-    part = GEMM_TUNER.run(key, a.device, fit, launch, a.dtype, gemm_operand_tiles(pre is not None))
+    part = GEMM_TUNER.run(key, a.device, fit, launch, a.dtype,
+                          gemm_operand_tiles(pre is not None, modulation is not None, a.element_size()))
     return y, out, part
 
 
@@ -855,7 +864,8 @@ def _conv_wgrad(x: torch.Tensor, dout: torch.Tensor, weight_shape: torch.Size,
     key = (batch_bucket(N), g.shape[1:], d.shape[1:], KH, KW, stride, padding, transposed, x.dtype,
            precision, pre is not None, modulation is not None)
     part = WGRAD_TUNER.run(key, x.device, fit, launch, x.dtype,
-                           wgrad_operand_tiles(transposed, pre is not None))
+                           wgrad_operand_tiles(transposed, pre is not None, modulation is not None,
+                                               x.element_size()))
     split = part.shape[0]
     # A fixed-order sum over the splits keeps the result deterministic.
     dw = part[0] if split == 1 else part.sum(0)
