@@ -40,7 +40,7 @@ ACTIVATIONS: dict[str, Activation] = {
     "identity": Activation(lambda x, slope: x, lambda x, slope: torch.ones_like(x), nn.Identity, 0),
     "relu": Activation(lambda x, slope: F.relu(x), lambda x, slope: (x > 0).to(x.dtype), nn.ReLU, 1),
     "leaky_relu": Activation(lambda x, slope: F.leaky_relu(x, slope),
-                             lambda x, slope: torch.where(x > 0, 1.0, slope).to(x.dtype),
+                             lambda x, slope: torch.where(x > 0, torch.ones_like(x), torch.full_like(x, slope)),
                              nn.LeakyReLU, 2),
     "tanh": Activation(lambda x, slope: torch.tanh(x), _tanh_grad, nn.Tanh, 3),
     "sigmoid": Activation(lambda x, slope: torch.sigmoid(x), _sigmoid_grad, nn.Sigmoid, 4),

@@ -63,6 +63,20 @@ def test_conv_bn_act_rejects_output_padding_without_transposed():
                       output_padding=1)
 
 
+@pytest.mark.parametrize("activation", R.ACTIVATIONS)
+def test_activation_gradients_match_autograd_in_float64(activation):
+    """Each activation's closed-form derivative (fastgen.activations, used by every reference
+    backward) is autograd's to float64 precision: no constant rounded through float32."""
+    from fastgen import activations
+
+    x = torch.linspace(-3, 3, 61, dtype=torch.float64).requires_grad_()
+    slope = 0.1 + 1e-12  # not a float32 number
+    (expected,) = torch.autograd.grad(R.activate(x, activation, slope).sum(), x)
+    grad = activations.ACTIVATIONS[activation].grad(x.detach(), slope)
+    assert grad.dtype == torch.float64
+    torch.testing.assert_close(grad, expected, rtol=1e-15, atol=1e-15)
+
+
 def test_activate_rejects_unknown_names():
     with pytest.raises(ValueError, match="activation.*identity, relu"):
         R.activate(torch.randn(3), "gelu")
