@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc_dtype, tl_acc_dtype
-from .conv_bn_act import (MODULATED, _activate_backward, _conv_gemm, _conv_wgrad,
+from .conv_bn_act import (MAX_GRID_Z, MODULATED, _activate_backward, _conv_gemm, _conv_wgrad,
                           _elementwise_blocks)
 
 # The demodulation kernel: output channels per program, reduction columns (C_in * kH * kW) per step.
@@ -198,6 +198,9 @@ def epilogue_grads(dout: torch.Tensor, y: torch.Tensor, demod: torch.Tensor,
         and sum_o dz (N, H_out, W_out), in the accumulation dtype.
     """
     N, HO, WO, C = y.shape
+    if N > MAX_GRID_Z:
+        raise ValueError(f"y: {N} samples; the modulated conv's backward takes at most {MAX_GRID_Z} "
+                         "per call (a CUDA grid's third axis): split the batch")
     HW = HO * WO
     acc = acc_dtype(y.dtype)
     block_p, block_c = _elementwise_blocks(y.device)

@@ -164,6 +164,19 @@ def test_spectral_norm_on_g_and_d():
     assert not any(nn.utils.parametrize.is_parametrized(m) for m in plain.modules())
 
 
+def test_fresh_models_are_normalized_in_eval_mode():
+    """Without a training step (eval mode runs no power iteration: sampling an untrained model,
+    the EMA copy), every normalized weight of freshly built G and D already has sigma 1: the
+    orthogonal initialization leaves no stale power-iteration vectors."""
+    for model in _tiny():
+        model.eval()
+        layers = [m for m in model.modules() if nn.utils.parametrize.is_parametrized(m, "weight")]
+        assert layers
+        for layer in layers:
+            sigma = torch.linalg.matrix_norm(layer.weight.detach().flatten(1), ord=2).item()
+            assert sigma == pytest.approx(1.0, rel=1e-3), layer
+
+
 def test_orthogonal_regularization_known_answers():
     q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))
     layer = nn.Linear(5, 3, dtype=torch.float64)

@@ -252,3 +252,11 @@ def _bad(**changes):
 def test_bad_arguments_name_the_argument(args, error, match):
     with pytest.raises(error, match=match):
         FF.modulated_conv2d(args.pop("x"), args.pop("weight"), args.pop("styles"), **args)
+
+
+def test_backward_beyond_a_cuda_grid_axis_is_a_clear_error():
+    """The epilogue backward puts the samples on the grid's third axis (at most 65535): a larger
+    batch is a ValueError naming y before any launch, not a failed launch."""
+    y = torch.zeros(65536, 1, 1, 1)
+    with pytest.raises(ValueError, match="y: 65536 samples"):
+        kernels.epilogue_grads(y, y, torch.ones(65536, 1), None, None, None, 0, 0.2, 1.0)

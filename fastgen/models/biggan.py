@@ -75,9 +75,18 @@ def _trained_weight(module: nn.Module) -> Tensor:
 
 def init_biggan_weights(module: nn.Module) -> None:
     """BigGAN initialization, in place: conv, linear and embedding weights orthogonal (the raw
-    weight under spectral norm), their biases 0. Apply with ``model.apply(init_biggan_weights)``."""
+    weight under spectral norm), their biases 0. Apply with ``model.apply(init_biggan_weights)``.
+
+    Spectral norm is registered anew on a re-initialized weight: its power-iteration vectors must
+    belong to the new weight (eval mode iterates no more, so stale ones would scale the weight by
+    the old weight's sigma)."""
     if isinstance(module, (nn.Conv2d, nn.Linear, nn.Embedding)):
-        nn.init.orthogonal_(_trained_weight(module))
+        spectral_norm = nn.utils.parametrize.is_parametrized(module, "weight")
+        if spectral_norm:
+            nn.utils.parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        nn.init.orthogonal_(module.weight)
+        if spectral_norm:
+            spectral(module, True)
         if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)
 
@@ -114,7 +123,8 @@ def orthogonal_regularization(module: nn.Module, beta: float = 1e-4) -> Tensor:
             gram = w @ w.T
             terms.append((gram - torch.diag_embed(gram.diagonal())).square().sum())
     if not terms:
-        return torch.zeros(())
+        param = next(module.parameters(), None)
+        return torch.zeros((), device=None if param is None else param.device)
     return beta * torch.stack(terms).sum()
 
 
