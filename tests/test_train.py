@@ -194,7 +194,7 @@ def test_ema():
     live.num_batches_tracked.fill_(7)
     EMA(avg, live).update(0.75)
     torch.testing.assert_close(avg.weight, torch.full((3,), 1.25))  # 0.75 * 1 + 0.25 * 2
-    torch.testing.assert_close(avg.running_mean, torch.full((3,), 1.0))
+    torch.testing.assert_close(avg.running_mean, torch.full((3,), 4.0))  # buffers: copied
     assert avg.num_batches_tracked.item() == 7
 
 

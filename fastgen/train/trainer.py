@@ -70,17 +70,19 @@ class NonFiniteLossError(RuntimeError):
 
 class EMA:
     """Exponential moving average of a module's weights into a copy of it:
-    ``average <- decay * average + (1 - decay) * model`` over floating parameters and buffers (BN
-    statistics included); integer buffers are copied.
+    ``average <- decay * average + (1 - decay) * model`` over the parameters; the buffers are
+    copied, as StyleGAN2 does: BN running statistics, spectral norm's power-iteration vectors
+    (an average of unit vectors is not one) and StyleGAN's ``w_avg`` (already an average; its
+    average would lag the generator by another 1 / (1 - decay) steps) are the live model's.
 
     The tensors are paired once: ``load_state_dict`` copies in place, so the pairs stay valid.
     """
 
     def __init__(self, average: nn.Module, model: nn.Module) -> None:
-        pairs = list(zip(average.state_dict().values(), model.state_dict().values()))
-        self._averages = [avg for avg, _ in pairs if avg.is_floating_point()]
-        self._lives = [live for avg, live in pairs if avg.is_floating_point()]
-        self._copies = [(avg, live) for avg, live in pairs if not avg.is_floating_point()]
+        pairs = list(zip(average.parameters(), model.parameters(), strict=True))
+        self._averages = [avg for avg, _ in pairs]
+        self._lives = [live for _, live in pairs]
+        self._copies = list(zip(average.buffers(), model.buffers(), strict=True))
 
     @torch.no_grad()
     def update(self, decay: float) -> None:
