@@ -93,6 +93,17 @@ def test_style_mixing_takes_the_second_latents_w_from_a_cutoff_on():
     torch.testing.assert_close(g.eval()(z, noise_mode="none"), plain)
 
 
+def test_upsampling_layers_keep_the_signal_scale():
+    """An up layer (4x4 stride-2 transposed conv, 4 of 16 taps per output pixel) has the output
+    scale of a 3x3 layer: demodulation alone would halve it (StyleGAN2's FIR filter has gain 4)."""
+    from fastgen.models.stylegan import _ModulatedLayer
+
+    torch.manual_seed(0)
+    x, w = torch.randn(8, 64, 8, 8), torch.zeros(8, 4)  # w = 0: styles = the affine's bias, 1
+    stds = {up: _ModulatedLayer(4, 64, 64, up=up)(x, w, "none").std().item() for up in (1, 2)}
+    assert stds[2] == pytest.approx(stds[1], rel=0.1), stds
+
+
 def test_equalized_learning_rate_scales_weights_at_run_time():
     torch.manual_seed(0)
     mapping = EqualLinear(400, 300, activation="leaky_relu", lr_mul=0.01)

@@ -153,10 +153,16 @@ class _ModulatedLayer(nn.Module):
         if noise_mode == "random":
             size = x.shape[-1] * self.up
             noise = torch.randn(x.shape[0], 1, size, size, device=x.device, dtype=x.dtype)
+        # A stride-2 4x4 transposed conv meets 4 of its 16 taps per output pixel, so its
+        # demodulated output (normalized over all 16) has half the unit std; StyleGAN2's FIR
+        # filter after it (gain up^2) restores it. Without the filter, x2 through leaky ReLU's
+        # positive homogeneity: act(2y + s*n + b) * g = act(y + s/2*n + b/2) * 2g.
+        scale = float(self.up)
+        strength = self.noise_strength / scale if noise is not None else None
         return functional.modulated_conv2d(
             x, self.weight, styles, padding=self.padding, up=self.up, noise=noise,
-            noise_strength=self.noise_strength if noise is not None else None, bias=self.bias,
-            activation="leaky_relu", negative_slope=_SLOPE, gain=_ACT_GAIN)
+            noise_strength=strength, bias=self.bias / scale if self.up > 1 else self.bias,
+            activation="leaky_relu", negative_slope=_SLOPE, gain=_ACT_GAIN * scale)
 
 
 class StyleGAN2Generator(nn.Module):
