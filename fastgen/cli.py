@@ -27,7 +27,8 @@ from fastgen.models.losses import GAN_LOSSES
 from fastgen.profile import profile_trainer, write_summary
 from fastgen.train import distributed
 from fastgen.train.checkpoint import CheckpointError
-from fastgen.train.config import ARCHS, DEFAULTS, DEVICES, LIKELIHOODS, MODELS, RESUME_OPTIONS, TrainConfig
+from fastgen.train.config import (ARCHS, CUDA_DEFAULTS, DEFAULTS, DEVICES, LIKELIHOODS, MODELS, RESUME_OPTIONS,
+                                  TrainConfig)
 from fastgen.train.factory import CONDITIONAL_MODELS, MNIST_CLASSES, resolve_device
 from fastgen.train.inference import CHECKPOINT_FILE, evaluate, generate, load_run, save_sample_picture
 from fastgen.train.trainer import NonFiniteLossError, Trainer
@@ -184,7 +185,9 @@ def _add_model_parsers(command: argparse.ArgumentParser, skip: tuple[str, ...] =
                 kwargs, text = {"type": _int_list, "metavar": "W[,W...]"}, ("layer widths (mlp) or channels per "
                                                                             "stride-2 stage (conv)")
             if name not in ("data_dir", "out_dir"):
-                text += f" (default: {_default_text(default)})"
+                cuda = CUDA_DEFAULTS.get(model, {})
+                text += f" (default: {_default_text(default)}" + (
+                    f"; on CUDA: {_default_text(cuda[name])})" if name in cuda else ")")
             sub.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=text, **kwargs)
         sub.add_argument("--threads", type=_positive_int, metavar="N",
                          help="CPU threads of PyTorch (default: one per core; 1 is faster on a busy machine)")

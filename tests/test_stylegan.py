@@ -247,3 +247,22 @@ def test_cli_trains_samples_and_evaluates(tmp_path, capsys, image_dir):
         record = json.loads(out)
         assert record["model"] == model and record["samples"] == 20 and record["fd"] > 0
         assert ("label_fidelity" in record) == (model == "biggan")
+
+
+@pytest.mark.parametrize("model", ["stylegan", "biggan"])
+def test_cuda_defaults_apply_on_cuda_only(model, monkeypatch, capsys):
+    """On CUDA (asked for, or found by "auto") the two models take their CUDA_DEFAULTS; on the
+    CPU their CPU defaults; an explicit option wins over both; --help shows both."""
+    from fastgen.train.config import CUDA_DEFAULTS, DEFAULTS
+
+    cuda = CUDA_DEFAULTS[model]
+    cpu = TrainConfig.resolve(model, device="cpu")
+    assert all(getattr(cpu, k) == DEFAULTS[model][k] for k in cuda)
+    assert all(getattr(TrainConfig.resolve(model, device="cuda"), k) == v for k, v in cuda.items())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert all(getattr(TrainConfig.resolve(model), k) == v for k, v in cuda.items())
+    assert TrainConfig.resolve(model, width=4).width == 4
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert TrainConfig.resolve(model).width == DEFAULTS[model]["width"]
+    _, out, _ = run_cli(capsys, "train", model, "--help")
+    assert f"on CUDA: {cuda['width']})" in " ".join(out.split())
