@@ -2,6 +2,10 @@
 runner, a small IDX data set and the metrics log reader."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +83,32 @@ def read_metrics(run_dir: Path) -> list[dict]:
     for record in records:
         record.pop("images_per_s", None)
     return records
+
+
+def spawn_ranks(script: str, world: int, out_dir: Path, timeout_s: float) -> list[dict]:
+    """Run ``python script RANK PORT OUT_DIR`` for ranks 0..world-1 (real processes, a free
+    loopback port for their gloo rendezvous, the Triton interpreter, one thread each), bounded in
+    time; every rank must exit 0 and save ``OUT_DIR/rank{RANK}.pt``, which is returned in order."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = str(Path(__file__).resolve().parents[1])  # workers import tests.conftest
+    env = os.environ | {"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
+                        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    procs = [subprocess.Popen([sys.executable, script, str(rank), str(port), str(out_dir)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(world)]
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=timeout_s)[0])
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the {world} ranks did not finish within {timeout_s} s")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    for rank, (proc, log) in enumerate(zip(procs, logs)):
+        assert proc.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(world)]

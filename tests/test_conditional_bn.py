@@ -8,9 +8,6 @@ RANK PORT OUT_DIR``."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,7 +19,7 @@ import fastgen
 from fastgen import functional as FF
 from fastgen import reference
 from fastgen.kernels import conv_bn_act as kernels
-from tests.conftest import rel_err
+from tests.conftest import rel_err, spawn_ranks
 
 TOL = 1e-5  # fp32 against float64 (DESIGN.md)
 BATCH, CHANNELS = 3, 5
@@ -301,25 +298,7 @@ def test_synchronized_shards_equal_the_whole_batch(tmp_path):
     """Per-sample affine with a process group: output, dx and the per-sample dgamma, dbeta
     (concatenated over the ranks) and the running statistics (on every rank) are the whole
     batch's, on both backends."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    root = str(Path(__file__).resolve().parents[1])  # the worker imports tests.conftest
-    env = os.environ | {"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
-                        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    procs = [subprocess.Popen([sys.executable, __file__, str(rank), str(port), str(tmp_path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(len(SHARDS))]
-    try:
-        logs = [proc.communicate(timeout=300)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    for rank, (proc, log) in enumerate(zip(procs, logs)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(len(SHARDS))]
+    ranks = spawn_ranks(__file__, len(SHARDS), tmp_path, timeout_s=300)
     inputs, grad_out = _sync_inputs()
     want, _ = _run(reference.bn_act, inputs, dict(activation="leaky_relu", momentum=0.3), grad_out,
                    dtype=torch.float64)

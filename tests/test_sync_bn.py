@@ -11,9 +11,6 @@ This file is also the worker: ``python tests/test_sync_bn.py RANK PORT OUT_DIR``
 from __future__ import annotations
 
 import copy
-import os
-import socket
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +24,7 @@ import fastgen
 from fastgen import functional as F
 from fastgen.models.gan import DCGANDiscriminator
 from fastgen.nn import BNAct, ConvBNAct, ConvTransposeBNAct, convert_sync_batchnorm
+from tests.conftest import spawn_ranks
 
 WORLD = 2
 TOL = 1e-5
@@ -129,35 +127,11 @@ def _worker(rank: int, port: int, out_dir: Path) -> None:
     torch.save(results, out_dir / f"rank{rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     """Both ranks' results, from one launch of two worker processes."""
     out_dir = tmp_path_factory.mktemp("sync_bn")
-    env = os.environ | {"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, __file__, str(rank), str(port), str(out_dir)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(WORLD)]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the {WORLD} ranks did not finish within {TIMEOUT_S} s")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    for rank, (proc, log) in enumerate(zip(procs, logs)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
-    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD)]
+    return spawn_ranks(__file__, WORLD, out_dir, TIMEOUT_S)
 
 
 def _whole(ranks: list[dict], kind: str, name: str, backend: str) -> dict:
