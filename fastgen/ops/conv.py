@@ -808,17 +808,19 @@ def _check_conv(x: Tensor, weight: Tensor, stride: int | tuple[int, int],
     return (stride, padding, output_padding), (x.shape[0], out_channels, *out_hw)
 
 
-def _autocast_conv_inputs(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """x and weight in torch.autocast's dtype when autocast is on, as autocast casts F.conv2d's
-    inputs (BN parameters and running statistics stay float32). A custom op is not autocast by
-    itself, so fused layers would otherwise run a mixed-precision model in fp32."""
-    if not (isinstance(x, Tensor) and isinstance(weight, Tensor)):
-        return x, weight  # the checks that follow name the bad argument
+def _autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The tensors (x first: a conv's inputs) in torch.autocast's dtype when autocast is on for
+    x's device, as autocast casts F.conv2d's inputs (BN parameters and running statistics are not
+    passed here: they stay float32). A custom op is not autocast by itself, so fused layers would
+    otherwise run a mixed-precision model in fp32."""
+    x = tensors[0]
+    if not isinstance(x, Tensor):
+        return tensors  # the checks that follow name the bad argument
     device_type = x.device.type
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        return x.to(dtype), weight.to(dtype)
-    return x, weight
+        return tuple(t.to(dtype) if isinstance(t, Tensor) else t for t in tensors)
+    return tensors
 
 
 def _sync_group(process_group: object | None, training: bool) -> str:
@@ -876,7 +878,7 @@ def conv_bn_act(x: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias: Te
         channels_last out; otherwise contiguous). Under ``torch.autocast``, x and weight are
         first cast to the autocast dtype, as for ``F.conv2d``.
     """
-    x, weight = _autocast_conv_inputs(x, weight)
+    x, weight = _autocast_inputs(x, weight)
     geometry, out_shape = _check_conv(x, weight, stride, padding, output_padding, transposed)
     _check_bn("x", x, out_shape, training, bn_weight, bn_bias, running_mean, running_var, momentum, eps)
     activations.check_activation(activation)
@@ -902,7 +904,7 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor | None, *,
     Returns:
         ``(N, C_out, H_out, W_out)`` in x's dtype.
     """
-    x, weight = _autocast_conv_inputs(x, weight)
+    x, weight = _autocast_inputs(x, weight)
     geometry, out_shape = _check_conv(x, weight, stride, padding, output_padding, transposed)
     _checks.channel_vectors(out_shape[1], bias=bias)
     if bias is not None:

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from fastgen import activations, backend, reference
 from fastgen.ops import _checks, _library
+from fastgen.ops.conv import _acc, _autocast_inputs, _channels_last_out, _nchw_view, _nhwc
 from fastgen.ops._library import (empty, forward_backend, none_if_empty, record_backend,
                                   reference_double_backward)
 
@@ -58,29 +59,12 @@ class _Spec(NamedTuple):
         return activations.ACTIVATIONS[self.activation].code
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _out_hw(in_hw: tuple[int, ...], kernel: tuple[int, ...], padding: int,
             up: int) -> tuple[int, int]:
     """(H_out, W_out): a conv's for ``up=1``, a stride-2 conv_transpose2d's for ``up=2``."""
     if up == 1:
         return tuple(i + 2 * padding - k + 1 for i, k in zip(in_hw, kernel))
     return tuple((i - 1) * up - 2 * padding + k for i, k in zip(in_hw, kernel))
-
-
-def _nhwc(t: Tensor) -> Tensor:
-    return t.permute(0, 2, 3, 1).contiguous()
-
-
-def _nchw_view(t: Tensor) -> Tensor:
-    return t.permute(0, 3, 1, 2)
-
-
-def _channels_last_out(x: Tensor) -> bool:
-    """The output keeps x's memory format, as torch's conv does."""
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def _demod(weight: Tensor, styles: Tensor, spec: _Spec) -> Tensor:
@@ -364,19 +348,6 @@ _modconv_backward_op.register_autograd(_modconv_double_backward,
 # Public function
 
 
-def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
-    """x, weight and styles in torch.autocast's dtype when autocast is on, as autocast casts a
-    conv's inputs (a custom op is not autocast by itself)."""
-    x = tensors[0]
-    if not isinstance(x, Tensor):
-        return tensors  # the checks that follow name the bad argument
-    device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        return tuple(t.to(dtype) if isinstance(t, Tensor) else t for t in tensors)
-    return tensors
-
-
 def _check(x: Tensor, weight: Tensor, styles: Tensor, noise: Tensor | None,
            noise_strength: Tensor | None, bias: Tensor | None, padding: int, up: int,
            eps: float, gain: float) -> None:
@@ -469,7 +440,7 @@ def modulated_conv2d(x: Tensor, weight: Tensor, styles: Tensor, *, demodulate: b
         channels_last out; otherwise contiguous). Under ``torch.autocast``, x, weight and styles
         are first cast to the autocast dtype, as for ``F.conv2d``.
     """
-    x, weight, styles = _autocast(x, weight, styles)
+    x, weight, styles = _autocast_inputs(x, weight, styles)
     _check(x, weight, styles, noise, noise_strength, bias, padding, up, eps, gain)
     activations.check_activation(activation)
     tensors = (x, weight, styles, noise, noise_strength, bias)
