@@ -18,10 +18,12 @@ Backward, with ``z = demod * y + noise_strength * noise + bias`` (every path):
         e = -demod^3 / 2 * ddemod,  dstyles += 2 styles * (e @ W2),
         dweight += 2 weight * (e^T @ styles^2)
 
-The reference path computes y with per-sample weights (grouped conv, ``fastgen.reference``) and
-its gradients with torch's convolution backward; the Triton path is kernels/modconv.py (the GEMMs,
-the demodulation and the dz pass in Triton; the fixed-order sums of the dz pass's partials, the
-noise gradients, ``sum_p x * g`` and the demodulation chain in torch, here and there).
+The reference path computes the same formulas in torch (one shared-weight convolution of
+``x * styles`` and its ``convolution_backward``; ``fastgen.reference``'s grouped conv with
+per-sample weights is the oracle the tests compare with); the Triton path is kernels/modconv.py
+(the GEMMs, the demodulation and the dz pass in Triton; the fixed-order sums of the dz pass's
+partials, the noise gradients, ``sum_p x * g`` and the demodulation chain in torch, here and
+there).
 """
 
 from __future__ import annotations
@@ -79,20 +81,30 @@ def _demod(weight: Tensor, styles: Tensor, spec: _Spec) -> Tensor:
 # Forward on each path: (out, y NHWC or None, demod or None)
 
 
+def _shared_conv_args(spec: _Spec) -> tuple:
+    """aten.convolution's arguments after (input, weight, bias) for the shared-weight conv."""
+    transposed = spec.up != 1
+    return [spec.up] * 2, [spec.padding] * 2, [1, 1], transposed, [0, 0], 1
+
+
+def _shared_weight(weight: Tensor, spec: _Spec) -> Tensor:
+    """The weight in aten.convolution's layout: conv_transpose2d's (C_in, C_out, kH, kW) for up=2."""
+    return weight if spec.up == 1 else weight.transpose(0, 1)
+
+
 def _forward_reference(x: Tensor, weight: Tensor, styles: Tensor, noise: Tensor | None,
                        noise_strength: Tensor | None, bias: Tensor | None, spec: _Spec,
                        save_pre: bool):
-    if not save_pre:
-        out = reference.modulated_conv2d(
-            x, weight, styles, demodulate=spec.demodulate, padding=spec.padding, up=spec.up,
-            eps=spec.eps, noise=noise, noise_strength=noise_strength, bias=bias,
-            activation=spec.activation, negative_slope=spec.negative_slope, gain=spec.gain)
-        return out, None, None
-    y = reference.modulated_conv2d(x, weight, styles, demodulate=False, padding=spec.padding,
-                                   up=spec.up)
+    # The kernels' formulation in torch: one conv with the shared weight of x scaled by styles,
+    # the demodulation on its output (no per-sample weights; reference.py's grouped conv is the
+    # oracle the tests compare with).
+    xs = x * styles[:, :, None, None].to(x.dtype)
+    y = torch.ops.aten.convolution(xs, _shared_weight(weight, spec), None, *_shared_conv_args(spec))
     demod = _demod(weight, styles, spec)
     out = reference.noise_bias_act(y * demod[:, :, None, None].to(y.dtype), noise, noise_strength,
                                    bias, spec.activation, spec.negative_slope, spec.gain)
+    if not save_pre:
+        return out, None, None
     return out, _nhwc(y), demod
 
 
@@ -132,28 +144,18 @@ def _epilogue_grads_reference(grad_out: Tensor, y: Tensor, demod: Tensor, noise:
     return dz, (dz * y).sum((1, 2)), dz.sum((0, 1, 2)), dz.sum(3)
 
 
-def _grouped_conv_grads(dy: Tensor, x: Tensor, weight: Tensor, styles: Tensor, spec: _Spec,
-                        need_x: bool, need_w: bool) -> tuple[Tensor | None, Tensor | None, Tensor]:
-    """(dx, dweight, dstyles) of y = conv(x * styles, weight) in torch (dy NCHW): the grouped
-    conv's backward, its per-sample weight gradient contracted with styles and weight."""
-    batch, c_in = x.shape[:2]
-    c_out = weight.shape[0]
-    per_sample = weight.unsqueeze(0) * styles.reshape(batch, 1, c_in, 1, 1)
-    if spec.up == 1:
-        grouped = per_sample.reshape(batch * c_out, *weight.shape[1:])
-    else:
-        grouped = per_sample.transpose(1, 2).reshape(batch * c_in, c_out, *weight.shape[2:])
-    dx, dgrouped, _ = torch.ops.aten.convolution_backward(
-        dy.reshape(1, batch * c_out, *dy.shape[2:]), x.reshape(1, batch * c_in, *x.shape[2:]),
-        grouped, None, [spec.up] * 2, [spec.padding] * 2, [1, 1], spec.up != 1, [0, 0], batch,
-        [need_x, True, False])
-    if spec.up == 1:
-        dper_sample = dgrouped.reshape(batch, c_out, c_in, *weight.shape[2:])
-    else:
-        dper_sample = dgrouped.reshape(batch, c_in, c_out, *weight.shape[2:]).transpose(1, 2)
-    dstyles = (dper_sample * weight.unsqueeze(0)).sum((1, 3, 4))
-    dweight = (dper_sample * styles.reshape(batch, 1, c_in, 1, 1)).sum(0) if need_w else None
-    return None if dx is None else dx.reshape(x.shape), dweight, dstyles
+def _shared_conv_grads(dy: Tensor, x: Tensor, weight: Tensor, styles: Tensor, spec: _Spec,
+                       need_w: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(dx, dweight, dstyles) of y = conv(x * styles, weight) in torch (dy NCHW): the shared-weight
+    conv's backward g = conv^T(dy, weight), dx = styles * g, dstyles = sum_p x * g."""
+    styles4 = styles[:, :, None, None].to(x.dtype)
+    g, dweight, _ = torch.ops.aten.convolution_backward(
+        dy, x * styles4, _shared_weight(weight, spec), None, *_shared_conv_args(spec),
+        [True, need_w, False])
+    dstyles = (x * g).sum((2, 3), dtype=_acc(x.dtype))
+    if dweight is not None and spec.up != 1:
+        dweight = dweight.transpose(0, 1)
+    return g * styles4, dweight, dstyles
 
 
 def _backward_reference(grad_out: Tensor, x: Tensor, weight: Tensor, styles: Tensor,
@@ -162,7 +164,7 @@ def _backward_reference(grad_out: Tensor, x: Tensor, weight: Tensor, styles: Ten
     dz, ddemod, dbias, dz_pixels = _epilogue_grads_reference(grad_out, y, demod, noise,
                                                              noise_strength, bias, spec)
     dy = _nchw_view((dz * demod[:, None, None, :]).to(x.dtype))
-    dx, dweight, dstyles = _grouped_conv_grads(dy, x, weight, styles, spec, mask[0], mask[1])
+    dx, dweight, dstyles = _shared_conv_grads(dy, x, weight, styles, spec, mask[1])
     return (dx, dweight, dstyles, *_noise_grads(dz_pixels, noise, noise_strength, mask), dbias,
             ddemod)
 
