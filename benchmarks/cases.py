@@ -333,6 +333,9 @@ DCGAN64_LAYERS = {
     "D4": (False, 256, 512, 8, 2, 1, True, "leaky_relu"),
     "D5": (False, 512, 1, 4, 1, 0, False, "identity"),
 }
+# The smoke run's one layer: D2's form (conv, stride 2, BN, leaky ReLU) at 16 -> 32 channels and
+# 8x8, small enough for the interpreter's fwd+bwd in seconds (D2 itself takes minutes there).
+SMOKE_LAYERS = {"D2": (False, 16, 32, 8, 2, 1, True, "leaky_relu")}
 KERNEL = 4
 CONV_TOLERANCE = {torch.float32: 5e-3, torch.bfloat16: 5e-2}  # fp32 convs may use TF32, as torch's
 # The bar of issue 4, on whole G and D fwd+bwd: >= 1.5x eager and >= 1.2x torch.compile.
@@ -374,12 +377,11 @@ def layer_cases(smoke: bool = False) -> list[Case]:
     are behind the "fwd" flag and fp32 behind "fp32"."""
     batch = 2 if smoke else 256
     dtypes = (torch.float32,) if smoke else (torch.bfloat16, torch.float32)
-    layer_names = ["D2"] if smoke else list(DCGAN64_LAYERS)  # the interpreter is slow: one smoke layer
+    layers = SMOKE_LAYERS if smoke else DCGAN64_LAYERS
     cases = []
     for dtype in dtypes:
         item = dtype.itemsize
-        for name in layer_names:
-            layer = DCGAN64_LAYERS[name]
+        for name, layer in layers.items():
             transposed, c_in, c_out, size, _, _, bn, _ = layer
             x_count, w_count, y_count, flops = _layer_geometry(layer, batch)
             w_shape = (c_in, c_out, KERNEL, KERNEL) if transposed else (c_out, c_in, KERNEL, KERNEL)

@@ -35,21 +35,17 @@ def _cli_env():
 
 
 def test_grid25_gan_covers_the_modes(tmp_path, capsys):
-    """The CI run of the mode-collapse benchmark with gan2d's defaults, for three seeds (run side by
-    side): each covers >= 20 of the 25 modes with >= 70% high-quality samples."""
-    runs = {seed: tmp_path / f"seed{seed}" for seed in (0, 1, 2)}
-    processes = {seed: subprocess.Popen([sys.executable, "-m", "fastgen", "train", "gan2d", "--seed", str(seed),
-                                         "--out-dir", str(run), "--backend", "reference", "--no-progress"],
-                                        env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for seed, run in runs.items()}
-    for seed, process in processes.items():
-        _, err = process.communicate(timeout=900)
-        assert process.returncode == 0, err
-    for seed, run in runs.items():
-        metrics = _eval(capsys, run)
-        assert metrics["num_modes"] == 25 and metrics["step"] == DEFAULTS["gan2d"]["steps"]
-        assert metrics["modes_covered"] >= 20, (seed, metrics)
-        assert metrics["high_quality_fraction"] >= 0.70, (seed, metrics)
+    """The CI run of the mode-collapse benchmark with gan2d's defaults (seed 0; the README's table
+    has seeds 0-2): it covers >= 20 of the 25 modes with >= 70% high-quality samples."""
+    run = tmp_path / "seed0"
+    process = subprocess.run([sys.executable, "-m", "fastgen", "train", "gan2d", "--seed", "0", "--out-dir", str(run),
+                              "--backend", "reference", "--no-progress"],
+                             env=_cli_env(), capture_output=True, text=True, timeout=900)
+    assert process.returncode == 0, process.stderr
+    metrics = _eval(capsys, run)
+    assert metrics["num_modes"] == 25 and metrics["step"] == DEFAULTS["gan2d"]["steps"]
+    assert metrics["modes_covered"] >= 20, metrics
+    assert metrics["high_quality_fraction"] >= 0.70, metrics
 
 
 def test_default_backend_trains(tmp_path, capsys):
