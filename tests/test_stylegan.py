@@ -1,6 +1,7 @@
 """StyleGAN2-small (fastgen.models.stylegan), and `train stylegan | biggan` end to end: losses,
 bit-exact resume, sampling with truncation and labels, evaluation."""
 
+import dataclasses
 import json
 import math
 
@@ -167,6 +168,20 @@ def _config(model, out_dir, data_dir, **options):
     base = dict(small, data_dir=data_dir, batch_size=8, backend="reference", log_every=1, sample_every=1000,
                 checkpoint_every=1000)
     return TrainConfig.resolve(model, out_dir=str(out_dir), **(base | options))
+
+
+@pytest.mark.parametrize("batch_size,world_size,refused", [(6, None, 6), (24, 4, 6), (16, 4, None), (2, None, None)])
+def test_a_batch_the_stddev_groups_cannot_split_is_refused_before_training(batch_size, world_size, refused, tmp_path):
+    """A process's batch against minibatch-stddev groups of min(4, batch): 6 samples (alone, or 24 over
+    4 processes) are refused when the models are built, naming batch_size; 16 over 4 and 2 alone pass."""
+    from fastgen.train.factory import build_models
+
+    config = dataclasses.replace(_config("stylegan", tmp_path, None, batch_size=batch_size), world_size=world_size)
+    if refused:
+        with pytest.raises(ValueError, match=f"batch_size: .*groups of 4.*got {refused}"):
+            build_models(config, torch.device("cpu"))
+    else:
+        assert {"generator", "discriminator"} <= set(build_models(config, torch.device("cpu")))
 
 
 @pytest.mark.parametrize("model", ["stylegan", "biggan"])

@@ -92,10 +92,18 @@ def build_models(config: TrainConfig, device: torch.device) -> dict[str, nn.Modu
             spectral_norm=config.spectral_norm)
         models = {"generator": generator, "discriminator": discriminator}
     elif config.model == "stylegan":
+        discriminator = StyleGAN2Discriminator(MNIST_CHANNELS, config.image_size, config.width)
+        # Each process's batch must split into minibatch-stddev groups; say so before step 1.
+        local_batch = config.batch_size // (config.world_size or 1)
+        group = min(discriminator.mbstd_group, local_batch)
+        if local_batch % group:
+            raise ValueError(f"batch_size: StyleGAN2's discriminator takes groups of {group} samples "
+                             f"(minibatch standard deviation); expected a multiple of {group} per process, "
+                             f"got {local_batch}")
         models = {"generator": StyleGAN2Generator(config.latent_size, MNIST_CHANNELS, config.image_size, config.width,
                                                   mapping_layers=config.mapping_layers,
                                                   style_mixing=config.style_mixing),
-                  "discriminator": StyleGAN2Discriminator(MNIST_CHANNELS, config.image_size, config.width)}
+                  "discriminator": discriminator}
     elif config.model == "biggan":
         models = {"generator": BigGANGenerator(config.latent_size, MNIST_CLASSES, MNIST_CHANNELS, config.image_size,
                                                config.width, spectral_norm=config.spectral_norm),
