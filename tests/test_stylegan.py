@@ -94,6 +94,16 @@ def test_style_mixing_takes_the_second_latents_w_from_a_cutoff_on():
     torch.testing.assert_close(g.eval()(z, noise_mode="none"), plain)
 
 
+def test_truncation_applies_to_the_mixed_latent_too():
+    """psi = 0 with mixing: both latents' w become w_avg, so the image is w_avg's at every layer."""
+    g = _generator().eval()
+    with torch.no_grad():
+        g.w_avg.normal_()
+        expected = g.synthesis(g.w_avg.expand(2, g.num_ws, -1), "none")
+        mixed = g(torch.randn(2, 8), truncation=0.0, mixing=1.0, noise_mode="none")
+    torch.testing.assert_close(mixed, expected)
+
+
 def test_upsampling_layers_keep_the_signal_scale():
     """An up layer (4x4 stride-2 transposed conv, 4 of 16 taps per output pixel) has the output
     scale of a 3x3 layer: demodulation alone would halve it (StyleGAN2's FIR filter has gain 4)."""

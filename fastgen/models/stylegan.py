@@ -228,9 +228,10 @@ class StyleGAN2Generator(nn.Module):
         if self.training:
             with torch.no_grad():
                 self.w_avg.copy_(w.detach().float().mean(dim=0).lerp(self.w_avg, self.w_avg_beta))
-        if truncation != 1.0:
-            w = torch.lerp(self.w_avg.to(w.dtype), w, truncation)
-        return w
+        return self._truncate(w, truncation)
+
+    def _truncate(self, w: Tensor, truncation: float) -> Tensor:
+        return w if truncation == 1.0 else torch.lerp(self.w_avg.to(w.dtype), w, truncation)
 
     def synthesis(self, ws: Tensor, noise_mode: str = "random") -> Tensor:
         """Per-layer styles ``ws`` ``(B, num_ws, latent_size)`` to images ``(B, channels, S, S)``;
@@ -250,10 +251,11 @@ class StyleGAN2Generator(nn.Module):
             image = image + self.rgbs[stage](x, ws[:, i + 2], noise_mode)
         return image
 
-    def _mix(self, z: Tensor, ws: Tensor, probability: float) -> Tensor:
+    def _mix(self, z: Tensor, ws: Tensor, probability: float, truncation: float) -> Tensor:
         """Style mixing: with ``probability``, layers from a cutoff drawn in [1, num_ws) on take the
-        w of a fresh latent (one cutoff per batch, as StyleGAN2). Tensor ops only (no host sync)."""
-        w2 = self._map(torch.randn_like(z)).to(ws.dtype)
+        w of a fresh latent, truncated as the first (one cutoff per batch, as StyleGAN2). Tensor ops
+        only (no host sync)."""
+        w2 = self._truncate(self._map(torch.randn_like(z)), truncation).to(ws.dtype)
         cutoff = torch.randint(1, self.num_ws, (), device=z.device)
         cutoff = torch.where(torch.rand((), device=z.device) < probability, cutoff, self.num_ws)
         second = torch.arange(self.num_ws, device=z.device) >= cutoff
@@ -276,7 +278,7 @@ class StyleGAN2Generator(nn.Module):
         w = self.mapping(z, truncation)
         ws = w[:, None].expand(-1, self.num_ws, -1)
         if probability > 0.0:
-            ws = self._mix(z, ws, probability)
+            ws = self._mix(z, ws, probability, truncation)
         return self.synthesis(ws, noise_mode)
 
 
