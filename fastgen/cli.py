@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,24 +46,27 @@ _MODEL_HELP = {
 }
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _number(parse: Callable[[str], float], accept: Callable[[float], bool], expected: str,
+            name: str) -> Callable[[str], float]:
+    """An argparse ``type``: ``parse(text)``, refused unless ``accept`` takes it, with the message
+    "expected <expected>, got <text>"."""
+
+    def convert(text: str) -> float:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    convert.__name__ = name
+    return convert
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
+_positive_int = _number(int, lambda v: v >= 1, "a positive integer", "positive_int")
+_non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer", "non_negative_int")
+_psi = _number(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]", "psi")
 
 
 def _int_list(text: str) -> list[int]:
@@ -85,16 +88,6 @@ def _labels(text: str) -> list[int]:
     if any(not 0 <= label < MNIST_CLASSES for label in labels):
         raise argparse.ArgumentTypeError(f"expected class numbers in 0..{MNIST_CLASSES - 1}, got {text!r}")
     return labels
-
-
-def _psi(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return value
 
 
 # name -> (argparse keyword arguments, help), in --help order. Each model's parser takes those in its DEFAULTS.

@@ -12,6 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+#: Where kernel tests put their tensors: CUDA when there is one (compiled kernels), else the CPU
+#: (the Triton interpreter, which the root conftest switches on without CUDA).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+#: The relative error to float64 an fp32 result may have (DESIGN.md).
+TOL = 1e-5
+
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     """``fastgen.cli.main(argv)`` -> (exit code, stdout, stderr); argparse's exits count as
@@ -49,9 +55,8 @@ def nan_poison(monkeypatch):
 
 @pytest.fixture
 def device() -> torch.device:
-    """Where kernel tests put their tensors: CUDA when there is one (compiled kernels), else the
-    CPU (the Triton interpreter, which the root conftest switches on without CUDA)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """:data:`DEVICE` as a torch.device."""
+    return torch.device(DEVICE)
 
 
 @pytest.fixture

@@ -19,9 +19,8 @@ import fastgen
 from fastgen import functional as FF
 from fastgen import reference
 from fastgen.kernels import conv_bn_act as kernels
-from tests.conftest import rel_err, spawn_ranks
+from tests.conftest import TOL, rel_err, spawn_ranks
 
-TOL = 1e-5  # fp32 against float64 (DESIGN.md)
 BATCH, CHANNELS = 3, 5
 # (gamma, beta) per sample (True) or per channel (False); None: no such parameter.
 AFFINES = {"both": (True, True), "gamma": (True, False), "beta": (False, True),

@@ -20,11 +20,7 @@ from fastgen import reference
 from fastgen.kernels import _tuning
 from fastgen.kernels import conv_bn_act as kernels
 from fastgen.kernels._tuning import NoCandidateError
-
-# Kernel tests run on CUDA where there is one (compiled kernels), else through the interpreter.
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-TOL = 1e-5  # relative error to float64, fp32 (DESIGN.md)
+from tests.conftest import DEVICE, TOL
 
 
 class Case(NamedTuple):

@@ -12,8 +12,7 @@ from torch import nn
 
 import fastgen
 from fastgen.nn import ConvBNAct, ConvTransposeBNAct, from_torch, fuse
-
-TOL = 1e-5
+from tests.conftest import TOL
 
 # Modules and models are built on the CPU here: these run the kernels through the interpreter.
 # On a CUDA machine the kernels' own tests (tests/test_conv_bn_act.py) run compiled instead.

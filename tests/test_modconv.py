@@ -16,10 +16,7 @@ import fastgen
 from fastgen import functional as FF
 from fastgen import reference
 from fastgen.kernels import modconv as kernels
-from tests.conftest import rel_err
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = 1e-5  # relative error to float64, fp32 (DESIGN.md)
+from tests.conftest import DEVICE, TOL, rel_err
 
 
 class Case(NamedTuple):

@@ -18,11 +18,9 @@ import fastgen
 from fastgen import functional as F
 from fastgen import reference as R
 from fastgen.kernels import reparam
-from tests.conftest import rel_err
+from tests.conftest import DEVICE, TOL, rel_err
 
-FP32_TOL = 1e-5
 SHAPES = [(1, 1), (7, 3), (129, 257), (1000, 64)]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
@@ -262,10 +260,10 @@ def test_matches_reference_given_the_noise(shape, samples, nan_poison):
     assert z.dtype == kl.dtype == torch.float32
     grad_z, grad_kl = torch.randn_like(z), torch.randn_like(kl)
     z_ref, kl_ref, grads_ref = _reference_given_noise(mu, logvar, eps, grad_z, grad_kl)
-    assert rel_err(z, z_ref) < FP32_TOL and rel_err(kl, kl_ref) < FP32_TOL
+    assert rel_err(z, z_ref) < TOL and rel_err(kl, kl_ref) < TOL
     grads = torch.autograd.grad((z, kl), (mu, logvar), (grad_z, grad_kl))
     for got, want in zip(grads, grads_ref):
-        assert rel_err(got, want) < FP32_TOL
+        assert rel_err(got, want) < TOL
 
 
 def test_backward_regenerates_the_forward_noise():
@@ -290,7 +288,7 @@ def test_one_output_unused(used):
     _, _, grads_ref = _reference_given_noise(mu, logvar, eps, grad_out if used == "z" else zeros_z,
                                              grad_out if used == "kl" else zeros_kl)
     for got, want in zip(grads, grads_ref):
-        assert rel_err(got, want) < FP32_TOL
+        assert rel_err(got, want) < TOL
 
 
 @pytest.mark.parametrize("samples", [1, 3])
@@ -313,9 +311,9 @@ def test_extreme_logvar_is_finite_and_clamped_at_80():
     for t in (z, kl, *grads):
         assert torch.isfinite(t).all()
     z_ref, kl_ref, grads_ref = _reference_given_noise(mu, logvar, _noise(logvar.shape, 2, seed=5), grad_z, grad_kl)
-    assert rel_err(z, z_ref) < FP32_TOL and rel_err(kl, kl_ref) < FP32_TOL
+    assert rel_err(z, z_ref) < TOL and rel_err(kl, kl_ref) < TOL
     for got, want in zip(grads, grads_ref):
-        assert rel_err(got, want) < FP32_TOL
+        assert rel_err(got, want) < TOL
     assert (grads[1][:, -2:] == 0).all() and (grads[1][:, :-2] != 0).all()  # clamp: no gradient above 80
     assert reparam.LOGVAR_MAX == R.LOGVAR_MAX == 80.0
 
@@ -354,7 +352,7 @@ def test_module_and_reference_backend_agree_on_shapes():
     with fastgen.use_backend("reference"):
         z_ref, kl_ref = module(mu, logvar)
     assert z_ref.shape == z.shape and z_ref.dtype == z.dtype
-    assert rel_err(kl, kl_ref) < FP32_TOL  # the KL needs no noise: both paths agree
+    assert rel_err(kl, kl_ref) < TOL  # the KL needs no noise: both paths agree
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,11 +369,11 @@ def test_log_normal_diag_matches_reference(z_shape, params, nan_poison):
     inputs64 = tuple(t.detach().double().requires_grad_() for t in inputs)
     ref = R.log_normal_diag(*inputs64)
     assert out.shape == z_shape[:-1] and out.dtype == torch.float32
-    assert rel_err(out, ref) < FP32_TOL
+    assert rel_err(out, ref) < TOL
     grad_out = torch.randn_like(out)
     for got, want in zip(torch.autograd.grad(out, inputs, grad_out),
                          torch.autograd.grad(ref, inputs64, grad_out.double())):
-        assert rel_err(got, want) < FP32_TOL
+        assert rel_err(got, want) < TOL
 
 
 def test_log_normal_diag_gradcheck_float64_and_params_only():
@@ -401,8 +399,8 @@ def test_importance_weights_of_reparameterized_samples():
     z, _ = F.reparameterize(mu, logvar, samples=4, generator=_gen(12))
     eps = _noise(mu.shape, 4, seed=12).double()
     want = -0.5 * (eps.square() + logvar.detach().double() + R.LOG_2PI).sum(-1)
-    assert rel_err(F.log_normal_diag(z, mu, logvar), want) < FP32_TOL
-    assert rel_err(F.log_normal_diag(z), R.log_normal_diag(z.detach().double())) < FP32_TOL
+    assert rel_err(F.log_normal_diag(z, mu, logvar), want) < TOL
+    assert rel_err(F.log_normal_diag(z), R.log_normal_diag(z.detach().double())) < TOL
 
 
 # ----------------------------------------------------------------------------------------------
@@ -458,7 +456,7 @@ def test_cuda_offsets_advance_and_manual_seed_resets_them():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, FP32_TOL), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, TOL), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)])
 def test_large_batch_on_gpu(dtype, tol):
     mu, logvar = _gaussian((8192, 512), dtype=dtype, logvar_scale=0.5)
     z, kl = F.reparameterize(mu, logvar, samples=2, generator=_gen(1))

@@ -24,10 +24,9 @@ import fastgen
 from fastgen import functional as F
 from fastgen.models.gan import DCGANDiscriminator
 from fastgen.nn import BNAct, ConvBNAct, ConvTransposeBNAct, convert_sync_batchnorm
-from tests.conftest import spawn_ranks
+from tests.conftest import TOL, spawn_ranks
 
 WORLD = 2
-TOL = 1e-5
 TIMEOUT_S = 300  # both ranks, start to end: a hang fails the test
 BACKENDS = ("triton", "reference")
 
