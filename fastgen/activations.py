@@ -18,32 +18,29 @@ from torch import Tensor, nn
 
 class Activation(NamedTuple):
     """One fusable activation: ``fn(x, negative_slope)`` (the slope is used by leaky_relu only),
-    its derivative ``grad(x, negative_slope)`` at x, the equivalent torch module class, and its
-    code in the Triton kernels."""
+    ``backward(dout, x, negative_slope)``, the gradient ``dout * fn'(x)`` through torch's own
+    fused backward kernels (one pass, the slope kept in x's dtype), the equivalent torch module
+    class, and its code in the Triton kernels."""
 
     fn: Callable[[Tensor, float], Tensor]
-    grad: Callable[[Tensor, float], Tensor]
+    backward: Callable[[Tensor, Tensor, float], Tensor]
     module: type[nn.Module]
     code: int
 
 
-def _tanh_grad(x: Tensor, slope: float) -> Tensor:
-    return 1.0 - torch.tanh(x).square()
-
-
-def _sigmoid_grad(x: Tensor, slope: float) -> Tensor:
-    s = torch.sigmoid(x)
-    return s * (1.0 - s)
-
+_aten = torch.ops.aten
 
 ACTIVATIONS: dict[str, Activation] = {
-    "identity": Activation(lambda x, slope: x, lambda x, slope: torch.ones_like(x), nn.Identity, 0),
-    "relu": Activation(lambda x, slope: F.relu(x), lambda x, slope: (x > 0).to(x.dtype), nn.ReLU, 1),
+    "identity": Activation(lambda x, slope: x, lambda dout, x, slope: dout, nn.Identity, 0),
+    "relu": Activation(lambda x, slope: F.relu(x), lambda dout, x, slope: _aten.threshold_backward(dout, x, 0),
+                       nn.ReLU, 1),
     "leaky_relu": Activation(lambda x, slope: F.leaky_relu(x, slope),
-                             lambda x, slope: torch.where(x > 0, torch.ones_like(x), torch.full_like(x, slope)),
+                             lambda dout, x, slope: _aten.leaky_relu_backward(dout, x, slope, False),
                              nn.LeakyReLU, 2),
-    "tanh": Activation(lambda x, slope: torch.tanh(x), _tanh_grad, nn.Tanh, 3),
-    "sigmoid": Activation(lambda x, slope: torch.sigmoid(x), _sigmoid_grad, nn.Sigmoid, 4),
+    "tanh": Activation(lambda x, slope: torch.tanh(x),
+                       lambda dout, x, slope: _aten.tanh_backward(dout, torch.tanh(x)), nn.Tanh, 3),
+    "sigmoid": Activation(lambda x, slope: torch.sigmoid(x),
+                          lambda dout, x, slope: _aten.sigmoid_backward(dout, torch.sigmoid(x)), nn.Sigmoid, 4),
 }
 
 LEAKY_SLOPE = 0.2

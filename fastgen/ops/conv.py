@@ -170,10 +170,14 @@ def _batch_coef(y: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float
         local = torch.stack([torch.full_like(mean, count), mean, var * count])
         count, mean, m2 = sync_bn.merge_stats(sync_bn.all_gather_stats(local, group))
         var = m2 / count
-    rstd = torch.rsqrt(var + eps)
-    zscale = _affine(gamma, 1.0, y.shape[1], y) * rstd
-    coef = torch.stack([zscale, _affine(beta, 0.0, y.shape[1], y) - mean * zscale, mean, rstd])
-    return coef, count, var
+    return _stats_coef(mean, torch.rsqrt(var + eps), gamma, beta, y), count, var
+
+
+def _stats_coef(mean: Tensor, rstd: Tensor, gamma: Tensor | None, beta: Tensor | None,
+                like: Tensor) -> Tensor:
+    """coef (4, C) from a batch's mean and 1 / sqrt(var + eps)."""
+    zscale = _affine(gamma, 1.0, like.shape[1], like) * rstd
+    return torch.stack([zscale, _affine(beta, 0.0, like.shape[1], like) - mean * zscale, mean, rstd])
 
 
 def _bn_act_reference(y: Tensor, coef: Tensor, gamma: Tensor | None, beta: Tensor | None,
@@ -252,7 +256,15 @@ def _forward_reference(x: Tensor, weight: Tensor | None, gamma: Tensor | None, b
     """The reference's forward, with the coefficients the backward ops take (weight None: BN only)."""
     y = x if weight is None else _conv_torch(x, weight, spec)
     channels = y.shape[1]
-    if spec.mode == "train":
+    if spec.mode == "train" and not spec.group and not _per_sample(gamma, beta):
+        # torch's batch norm: the output, the running update (on copies) and the statistics
+        acc = _acc(y.dtype)
+        running = None if running_mean is None else torch.stack([running_mean.to(acc), running_var.to(acc)])
+        bn, mean, rstd = torch.ops.aten.native_batch_norm(
+            y, gamma, beta, *((None, None) if running is None else running), True, spec.momentum, spec.eps)
+        coef = _stats_coef(mean.to(acc), rstd.to(acc), gamma, beta, y)
+        out = reference.activate(bn, spec.activation, spec.negative_slope)
+    elif spec.mode == "train":
         coef, count, var = _batch_coef(y, *_coef_affine(gamma, beta), spec.eps, spec.group)
         running = None
         if running_mean is not None:  # torch's batch_norm updates them in place: on copies
@@ -379,17 +391,25 @@ def _backward_reference(grad_out: Tensor, x: Tensor, weight: Tensor | None, y: T
     A per-sample affine (coef normalizes only: zscale = rstd) sums dbeta and dgamma per sample,
     over (h, w), and scales dz by gamma[n] before the same two lines (module docstring of
     fastgen.kernels.conv_bn_act). A synchronized BN takes those two means over every rank (when
-    dx or dw is asked for).
+    dx or dw is asked for). The common case (train, per-channel affine, one process) runs the
+    same math as torch's native_batch_norm_backward, and act' is torch's activation backward.
     """
     acc = coef.dtype
     y = y.to(acc)
     zscale, zshift, mean, rstd = coef
-    z = y * zscale + zshift
+    z = torch.addcmul(zshift, y, zscale)
     affine = _sample_affine(gamma, beta, y.shape[0], y.shape[-1], y)
     if affine is not None:
         gamma_n, beta_n = affine[:, :, None, None, :]  # (N, 1, 1, C) against NHWC
-        z = z * gamma_n + beta_n
-    dz = _nhwc(grad_out).to(acc) * activations.ACTIVATIONS[spec.activation].grad(z, spec.negative_slope)
+        z = torch.addcmul(beta_n, z, gamma_n)
+    dz = activations.ACTIVATIONS[spec.activation].backward(_nhwc(grad_out).to(acc), z, spec.negative_slope)
+    if spec.mode == "train" and affine is None and not spec.group:
+        # Batch statistics, per-channel affine, one process: torch's fused batch-norm backward
+        # (dy, dgamma, dbeta in one pass over channels_last views of the NHWC tensors).
+        dy, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
+            _nchw_view(dz), _nchw_view(y), None if gamma is None else gamma.to(acc), None, None, mean,
+            rstd, True, spec.eps, [True, True, True])
+        return _conv_reference_grads(dy.to(x.dtype), x, weight, dgamma, dbeta, spec, mask)
     rows = tuple(range(dz.dim() - 1)) if affine is None else (1, 2)
     dbeta = dz.sum(rows)
     if spec.mode == "bias":
@@ -408,7 +428,12 @@ def _backward_reference(grad_out: Tensor, x: Tensor, weight: Tensor | None, y: T
                 sums = sync_bn.all_reduce_grad_sums(*sums, spec.group)
             dz = dz - (sums[0] + xhat * sums[1]) / sums[2]
         dy = dz * zscale
-    dy = _nchw_view(dy.to(x.dtype))
+    return _conv_reference_grads(_nchw_view(dy.to(x.dtype)), x, weight, dgamma, dbeta, spec, mask)
+
+
+def _conv_reference_grads(dy: Tensor, x: Tensor, weight: Tensor | None, dgamma: Tensor | None,
+                          dbeta: Tensor, spec: _Spec, mask: tuple[bool, ...]):
+    """(dx, dw, dgamma, dbeta) from dL/dy (N, C, H, W): torch's conv backward (BN only: dy is dx)."""
     if weight is None:
         return dy, None, dgamma, dbeta
     dx, dw = _conv_torch_backward(dy, x, weight, spec, mask) if mask[0] or mask[1] else (None, None)

@@ -140,7 +140,7 @@ def _epilogue_grads_reference(grad_out: Tensor, y: Tensor, demod: Tensor, noise:
     if bias is not None:
         z = z + bias.to(acc)
     act = activations.ACTIVATIONS[spec.activation]
-    dz = _nhwc(grad_out).to(acc) * (spec.gain * act.grad(z, spec.negative_slope))
+    dz = act.backward(_nhwc(grad_out).to(acc) * spec.gain, z, spec.negative_slope)
     return dz, (dz * y).sum((1, 2)), dz.sum((0, 1, 2)), dz.sum(3)
 
 
