@@ -46,8 +46,8 @@ _MODEL_HELP = {
 }
 
 
-def _number(parse: Callable[[str], float], accept: Callable[[float], bool], expected: str,
-            name: str) -> Callable[[str], float]:
+def _number(parse: Callable[[str], float], accept: Callable[[float], bool],
+            expected: str) -> Callable[[str], float]:
     """An argparse ``type``: ``parse(text)``, refused unless ``accept`` takes it, with the message
     "expected <expected>, got <text>"."""
 
@@ -60,13 +60,12 @@ def _number(parse: Callable[[str], float], accept: Callable[[float], bool], expe
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
 
-    convert.__name__ = name
     return convert
 
 
-_positive_int = _number(int, lambda v: v >= 1, "a positive integer", "positive_int")
-_non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer", "non_negative_int")
-_psi = _number(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]", "psi")
+_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+_non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
+_psi = _number(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 
 
 def _int_list(text: str) -> list[int]:

@@ -101,8 +101,9 @@ def _forward_reference(x: Tensor, weight: Tensor, styles: Tensor, noise: Tensor 
     xs = x * styles[:, :, None, None].to(x.dtype)
     y = torch.ops.aten.convolution(xs, _shared_weight(weight, spec), None, *_shared_conv_args(spec))
     demod = _demod(weight, styles, spec)
-    out = reference.noise_bias_act(y * demod[:, :, None, None].to(y.dtype), noise, noise_strength,
-                                   bias, spec.activation, spec.negative_slope, spec.gain)
+    z = y * demod[:, :, None, None].to(y.dtype) if spec.demodulate else y  # demod is ones otherwise
+    out = reference.noise_bias_act(z, noise, noise_strength, bias, spec.activation,
+                                   spec.negative_slope, spec.gain)
     if not save_pre:
         return out, None, None
     return out, _nhwc(y), demod
@@ -133,7 +134,7 @@ def _epilogue_grads_reference(grad_out: Tensor, y: Tensor, demod: Tensor, noise:
     accumulation dtype, from the saved y (NHWC)."""
     acc = demod.dtype
     y = y.to(acc)
-    z = y * demod[:, None, None, :]
+    z = y * demod[:, None, None, :] if spec.demodulate else y  # demod is ones otherwise
     if noise is not None:
         strength = 1.0 if noise_strength is None else noise_strength.to(acc).reshape(())
         z = z + strength * noise[:, 0, :, :, None].to(acc)
@@ -163,7 +164,7 @@ def _backward_reference(grad_out: Tensor, x: Tensor, weight: Tensor, styles: Ten
                         y: Tensor, demod: Tensor, spec: _Spec, mask: tuple[bool, ...]):
     dz, ddemod, dbias, dz_pixels = _epilogue_grads_reference(grad_out, y, demod, noise,
                                                              noise_strength, bias, spec)
-    dy = _nchw_view((dz * demod[:, None, None, :]).to(x.dtype))
+    dy = _nchw_view((dz * demod[:, None, None, :] if spec.demodulate else dz).to(x.dtype))
     dx, dweight, dstyles = _shared_conv_grads(dy, x, weight, styles, spec, mask[1])
     return (dx, dweight, dstyles, *_noise_grads(dz_pixels, noise, noise_strength, mask), dbias,
             ddemod)
