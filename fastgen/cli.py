@@ -121,6 +121,8 @@ _TRAIN_OPTIONS: dict[str, tuple[dict[str, Any], str]] = {
     "lr": ({"type": float, "metavar": "LR"}, "Adam learning rate"),
     "lr_g": ({"type": float, "metavar": "LR"}, "generator learning rate (Adam)"),
     "lr_d": ({"type": float, "metavar": "LR"}, "discriminator learning rate (Adam)"),
+    "lr_decay": ({"type": float, "metavar": "F"},
+                 "the last fraction F of the steps lowers every learning rate linearly towards 0 (0: constant)"),
     "beta1": ({"type": float, "metavar": "B1"}, "Adam beta1"),
     "beta2": ({"type": float, "metavar": "B2"}, "Adam beta2"),
     "ema": ({"type": float, "metavar": "DECAY"}, "EMA decay of the generator weights used for samples (0: off)"),

@@ -87,6 +87,39 @@ def test_resume_is_bit_exact(tmp_path, image_dir, case):
     assert straight.step == resumed.step == steps
 
 
+@pytest.mark.parametrize("model", ["gan2d", "ae"])
+def test_lr_decay_schedule_and_resume_after_a_kill(tmp_path, image_dir, model):
+    """--lr-decay 0.5 over 6 steps: factors 1, 1, 1, 1, 2/3, 1/3 on every optimizer's configured
+    rate; a run killed after its step-3 checkpoint resumes on the same schedule, bit for bit."""
+    options = dict(steps=6, checkpoint_every=3, lr_decay=0.5, **({} if model == "gan2d" else dict(data_dir=image_dir)))
+    straight = Trainer.create(_config(model, tmp_path / "straight", **options), progress=False)
+    factors, take_step = [], straight.train_step
+    straight.train_step = lambda: factors.append(straight.learning_rate_factor()) or take_step()
+    straight.fit()
+    assert factors == pytest.approx([1, 1, 1, 1, 2 / 3, 1 / 3])
+    rates = {"generator": "lr_g", "discriminator": "lr_d", "model": "lr"}
+    for name, opt in straight.optimizers.items():
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([getattr(straight.config, rates[name]) / 3])
+
+    killed = Trainer.create(_config(model, tmp_path / "killed", **options), progress=False)
+    take_killed_step = killed.train_step
+
+    def killed_in_step_5():
+        if killed.step == 4:
+            raise KeyboardInterrupt
+        return take_killed_step()
+
+    killed.train_step = killed_in_step_5
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    Trainer.resume(tmp_path / "killed", progress=False).fit()
+    assert read_metrics(tmp_path / "killed") == read_metrics(tmp_path / "straight")
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
+    for part in ("models", "optimizers", "rng", "step"):
+        _assert_same_state(a[part], b[part])
+
+
 def test_resume_drops_log_records_past_the_checkpoint(tmp_path):
     """Records written after the last checkpoint (and a line cut short by a kill) are dropped."""
     _train(_config("gan2d", tmp_path / "run", steps=2))
@@ -216,6 +249,8 @@ def test_resume_refuses_to_change_the_run(tmp_path):
     ("vae", dict(loss="hinge"), "loss: not an option of model 'vae'"),
     ("gan", dict(loss="hinge", label_smoothing=0.1), "label_smoothing"),
     ("gan", dict(ema=1.0), "ema"),
+    ("ae", dict(lr_decay=1.5), "lr_decay: expected a fraction"),
+    ("gan2d", dict(lr_decay=-0.1), "lr_decay: expected a fraction"),
     ("ae", dict(hidden=[0]), "hidden"),
     ("gan", dict(compile=1), "compile: expected a bool"),
     ("gan3d", {}, "model"),

@@ -27,7 +27,7 @@ ARCHS = ("mlp", "conv")
 LIKELIHOODS = ("bernoulli", "gaussian")
 
 _RUN = dict(seed=0, device="auto", backend="auto", amp=True, compile=False, cuda_graphs=False, sync_bn=False,
-            log_every=50, eval_every=0, out_dir=None)
+            log_every=50, eval_every=0, out_dir=None, lr_decay=0.0)
 # The main job: DCGAN on Fashion-MNIST 32x32, sized to finish in minutes on a 2-core CPU.
 _GAN = dict(_RUN, data_dir=None, image_size=32, steps=2500, batch_size=64, width=32, latent_size=100,
             loss="non_saturating", label_smoothing=0.0, n_critic=1, gp_weight=10.0, r1_gamma=0.0,
@@ -127,6 +127,7 @@ class TrainConfig:
     lr: float | None = None
     lr_g: float | None = None
     lr_d: float | None = None
+    lr_decay: float | None = None  # 0: constant (None: a run from before the option)
     beta1: float | None = None
     beta2: float | None = None
     ema: float | None = None
@@ -204,6 +205,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value < 1:
                 raise ValueError(f"{name}: expected a number in [0, 1), got {value!r}")
+        if self.lr_decay is not None and not 0 <= self.lr_decay <= 1:
+            raise ValueError(f"lr_decay: expected a fraction of the run in [0, 1], got {self.lr_decay!r}")
         if self.style_mixing is not None and not 0 <= self.style_mixing <= 1:
             raise ValueError(f"style_mixing: expected a probability in [0, 1], got {self.style_mixing!r}")
         if self.label_smoothing and self.loss not in ("non_saturating", "minimax"):

@@ -62,6 +62,8 @@ _EMA_WARMUP = 10
 # The profiler ranges (fastgen.profile.phase) of each optimizer's backward and update.
 _UPDATE_PHASES = {"discriminator": ("D backward", "D optimizer"), "generator": ("G backward", "G optimizer"),
                   "model": ("backward", "optimizer")}
+# The option that holds each optimizer's learning rate (before --lr-decay scales it).
+_LEARNING_RATES = {"discriminator": "lr_d", "generator": "lr_g", "model": "lr"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -380,8 +382,21 @@ class Trainer:
                         if self.saved_step is not None else "no checkpoint had been written yet")
                 raise NonFiniteLossError(f"step {self.step + 1}: non-finite {', '.join(bad)}; stopped before "
                                          f"applying this update; {kept}")
+            lr = getattr(self.config, _LEARNING_RATES[optimizer]) * self.learning_rate_factor()
+            for group in opt.param_groups:
+                group["lr"] = lr
             opt.step()
         return values
+
+    def learning_rate_factor(self) -> float:
+        """The factor on every configured learning rate at the current step (``lr_decay``).
+
+        With ``lr_decay = f > 0`` it is 1 until the last ``f * steps`` steps, then falls linearly:
+        ``(steps - step) / (f * steps)`` for the 0-based step about to be taken, so the last step
+        still moves. It depends on the step and the configuration only, so a resumed run continues
+        the same schedule (resuming with more ``steps`` stretches it to the new end)."""
+        decay = (self.config.lr_decay or 0.0) * self.config.steps
+        return min(1.0, (self.config.steps - self.step) / decay) if decay > 0 else 1.0
 
     def _drop_metrics_after(self, step: int) -> None:
         # A run resumed from step k continues the log from k: records past k were never
