@@ -27,8 +27,8 @@ from fastgen.models.losses import GAN_LOSSES
 from fastgen.profile import profile_trainer, write_summary
 from fastgen.train import distributed
 from fastgen.train.checkpoint import CheckpointError
-from fastgen.train.config import (ARCHS, CUDA_DEFAULTS, DEFAULTS, DEVICES, LIKELIHOODS, MODELS, RESUME_OPTIONS,
-                                  TrainConfig)
+from fastgen.train.config import (ARCHS, CUDA_DEFAULTS, DEFAULTS, DEVICES, LIKELIHOODS, MLP_ACTIVATIONS, MODELS,
+                                  RESUME_OPTIONS, TrainConfig)
 from fastgen.train.factory import CONDITIONAL_MODELS, MNIST_CLASSES, resolve_device
 from fastgen.train.inference import CHECKPOINT_FILE, evaluate, generate, load_run, save_sample_picture
 from fastgen.train.trainer import NonFiniteLossError, Trainer
@@ -116,6 +116,8 @@ _TRAIN_OPTIONS: dict[str, tuple[dict[str, Any], str]] = {
     "mapping_layers": ({"type": _positive_int, "metavar": "L"}, "dense layers of the mapping network z -> w"),
     "style_mixing": ({"type": float, "metavar": "P"}, "probability of style mixing per training batch"),
     "arch": ({"choices": ARCHS}, "encoder/decoder architecture"),
+    "mlp_activation": ({"choices": tuple(MLP_ACTIVATIONS)},
+                       "hidden activation of the mlp arch (the conv arch's fused blocks keep LeakyReLU / ReLU)"),
     "likelihood": ({"choices": LIKELIHOODS}, "decoder likelihood (images in [0, 1])"),
     "beta": ({"type": float, "metavar": "B"}, "weight of the KL term (beta-VAE)"),
     "lr": ({"type": float, "metavar": "LR"}, "Adam learning rate"),

@@ -6,6 +6,7 @@ models through the Triton kernels.
 
 import pytest
 import torch
+from torch import nn
 
 import fastgen
 from fastgen import functional as F
@@ -96,6 +97,16 @@ def test_default_hidden_and_repr():
     vae = VAE((784,), 10, beta=4.0)
     assert vae.hidden == (512, 256) and "beta=4.0" in repr(vae)
     assert sum(p.numel() for p in vae.encoder[-1].parameters()) == 256 * 20 + 20  # mu and logvar heads
+
+
+@pytest.mark.parametrize("make", [AutoEncoder, VAE])
+def test_mlp_activation(make):
+    """ReLU by default, SiLU on request, in every hidden layer of the encoder and the decoder."""
+    def activations(model):
+        return [type(m) for m in [*model.encoder, *model.decoder] if not isinstance(m, (nn.Linear, nn.Flatten,
+                                                                                     nn.Unflatten))]
+    assert activations(make((784,), 8)) == [nn.ReLU] * 4
+    assert activations(make((784,), 8, mlp_activation="silu")) == [nn.SiLU] * 4
 
 
 def test_loss_is_reconstruction_plus_beta_kl(reference_backend):
@@ -252,6 +263,7 @@ def test_models_run_through_the_triton_kernels(device, monkeypatch):
     (lambda: AutoEncoder((784,), 8, likelihood="poisson"), ValueError, ["likelihood", "bernoulli"]),
     (lambda: AutoEncoder((1, 8, 8), 8, arch="conv", hidden=(4, 4, 4, 4)), ValueError, ["hidden", "8x8"]),
     (lambda: AutoEncoder((784,), 8, hidden=()), ValueError, ["hidden"]),
+    (lambda: VAE((784,), 8, mlp_activation="gelu"), ValueError, ["mlp_activation", "relu, silu", "gelu"]),
     (lambda: VAE((784,), 8, beta=-1.0), ValueError, ["beta"]),
     (lambda: VAE((784,), 0), ValueError, ["latent_size"]),
     (lambda: VAE((4,), 2, hidden=(8,)).elbo(torch.rand(3, 5)), ValueError, ["x", "(B, 4)", "(3, 5)"]),

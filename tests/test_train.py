@@ -70,6 +70,9 @@ def test_resume_is_bit_exact(tmp_path, image_dir, case):
     """N steps straight vs N/2 steps, a resume in a fresh trainer, N/2 more: same losses, same
     weights, optimizer states, data order and RNG states, bit for bit."""
     model, options = RESUME_CASES[case]
+    # A finished run continued with more steps stretches an lr_decay schedule; a killed run keeps
+    # it (test_lr_decay_schedule_and_resume_after_a_kill).
+    options = dict(options, lr_decay=0.0)
     if model != "gan2d":
         options = dict(options, data_dir=image_dir)
     steps = 6
@@ -118,6 +121,18 @@ def test_lr_decay_schedule_and_resume_after_a_kill(tmp_path, image_dir, model):
     b = load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
     for part in ("models", "optimizers", "rng", "step"):
         _assert_same_state(a[part], b[part])
+
+
+def test_a_run_from_before_the_options_keeps_relu_and_a_constant_rate(tmp_path, image_dir):
+    """A config.json / checkpoint written before mlp_activation and lr_decay existed (keys absent)
+    rebuilds the ReLU model it trained and keeps its constant learning rate."""
+    values = _config("ae", tmp_path / "old", data_dir=image_dir, steps=4).to_dict()
+    assert values.pop("mlp_activation") == "silu" and values.pop("lr_decay") == 1.0  # today's AE defaults
+    trainer = Trainer.create(TrainConfig.from_dict(values), progress=False)
+    kinds = {type(m) for m in trainer.models["model"].modules()}
+    assert torch.nn.ReLU in kinds and torch.nn.SiLU not in kinds
+    trainer.step = 3
+    assert trainer.learning_rate_factor() == 1.0
 
 
 def test_resume_drops_log_records_past_the_checkpoint(tmp_path):

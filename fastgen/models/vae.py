@@ -43,20 +43,22 @@ class VAE(nn.Module):
             learned scalar ``log_sigma``).
         beta: weight of the KL term in ``loss`` (beta-VAE; 1 for the plain VAE), >= 0.
         hidden: layer widths ("mlp") or channel counts per stride-2 stage ("conv").
+        mlp_activation: "relu" or "silu", the hidden activation of the "mlp" arch.
 
     A plain ``nn.Module``: train with any loop on ``loss(x).mean()``.
     """
 
     def __init__(self, input_shape: Sequence[int], latent_size: int, *, arch: str = "mlp",
-                 likelihood: str = "bernoulli", beta: float = 1.0, hidden: Sequence[int] | None = None) -> None:
+                 likelihood: str = "bernoulli", beta: float = 1.0, hidden: Sequence[int] | None = None,
+                 mlp_activation: str = "relu") -> None:
         super().__init__()
-        self.input_shape, hidden = check_config(input_shape, arch, likelihood, hidden)
+        self.input_shape, hidden = check_config(input_shape, arch, likelihood, hidden, mlp_activation)
         self.latent_size = check_positive("latent_size", latent_size)
         if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not beta >= 0:
             raise ValueError(f"beta: expected a number >= 0, got {beta!r}")
         self.arch, self.likelihood, self.beta, self.hidden = arch, likelihood, float(beta), hidden
-        self.encoder = build_encoder(self.input_shape, 2 * latent_size, arch, hidden)
-        self.decoder = build_decoder(latent_size, self.input_shape, arch, hidden)
+        self.encoder = build_encoder(self.input_shape, 2 * latent_size, arch, hidden, mlp_activation)
+        self.decoder = build_decoder(latent_size, self.input_shape, arch, hidden, mlp_activation)
         self.reparameterize = Reparameterize()
         self.log_sigma = nn.Parameter(torch.zeros(())) if likelihood == "gaussian" else None
 

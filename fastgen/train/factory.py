@@ -111,7 +111,9 @@ def build_models(config: TrainConfig, device: torch.device) -> dict[str, nn.Modu
                                                        spectral_norm=config.spectral_norm)}
     else:
         size = config.image_size
-        options = {"arch": config.arch, "likelihood": config.likelihood}
+        # A run from before mlp_activation (None) trained with ReLU.
+        options = {"arch": config.arch, "likelihood": config.likelihood,
+                   "mlp_activation": config.mlp_activation or "relu"}
         if config.hidden is not None:
             options["hidden"] = config.hidden
         if config.model == "vae":
