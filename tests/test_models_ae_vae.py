@@ -107,6 +107,7 @@ def test_mlp_activation(make):
                                                                                      nn.Unflatten))]
     assert activations(make((784,), 8)) == [nn.ReLU] * 4
     assert activations(make((784,), 8, mlp_activation="silu")) == [nn.SiLU] * 4
+    assert "mlp_activation='silu'" in repr(make((784,), 8, mlp_activation="silu"))
 
 
 def test_loss_is_reconstruction_plus_beta_kl(reference_backend):

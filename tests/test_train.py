@@ -103,6 +103,8 @@ def test_lr_decay_schedule_and_resume_after_a_kill(tmp_path, image_dir, model):
     rates = {"generator": "lr_g", "discriminator": "lr_d", "model": "lr"}
     for name, opt in straight.optimizers.items():
         assert [g["lr"] for g in opt.param_groups] == pytest.approx([getattr(straight.config, rates[name]) / 3])
+    straight.step = 9  # past the end (profile steps on): 0, never negative
+    assert straight.learning_rate_factor() == 0.0
 
     killed = Trainer.create(_config(model, tmp_path / "killed", **options), progress=False)
     take_killed_step = killed.train_step

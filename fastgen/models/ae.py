@@ -184,7 +184,7 @@ class AutoEncoder(nn.Module):
         super().__init__()
         self.input_shape, hidden = check_config(input_shape, arch, likelihood, hidden, mlp_activation)
         self.code_size = check_positive("code_size", code_size)
-        self.arch, self.likelihood, self.hidden = arch, likelihood, hidden
+        self.arch, self.likelihood, self.hidden, self.mlp_activation = arch, likelihood, hidden, mlp_activation
         self.encoder = build_encoder(self.input_shape, code_size, arch, hidden, mlp_activation)
         self.decoder = build_decoder(code_size, self.input_shape, arch, hidden, mlp_activation)
 
@@ -209,4 +209,4 @@ class AutoEncoder(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"input_shape={self.input_shape}, code_size={self.code_size}, arch={self.arch!r}, "
-                f"likelihood={self.likelihood!r}, hidden={self.hidden}")
+                f"likelihood={self.likelihood!r}, hidden={self.hidden}, mlp_activation={self.mlp_activation!r}")

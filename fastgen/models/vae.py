@@ -57,6 +57,7 @@ class VAE(nn.Module):
         if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not beta >= 0:
             raise ValueError(f"beta: expected a number >= 0, got {beta!r}")
         self.arch, self.likelihood, self.beta, self.hidden = arch, likelihood, float(beta), hidden
+        self.mlp_activation = mlp_activation
         self.encoder = build_encoder(self.input_shape, 2 * latent_size, arch, hidden, mlp_activation)
         self.decoder = build_decoder(latent_size, self.input_shape, arch, hidden, mlp_activation)
         self.reparameterize = Reparameterize()
@@ -137,4 +138,5 @@ class VAE(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"input_shape={self.input_shape}, latent_size={self.latent_size}, arch={self.arch!r}, "
-                f"likelihood={self.likelihood!r}, beta={self.beta}, hidden={self.hidden}")
+                f"likelihood={self.likelihood!r}, beta={self.beta}, hidden={self.hidden}, "
+                f"mlp_activation={self.mlp_activation!r}")

@@ -394,9 +394,11 @@ class Trainer:
         With ``lr_decay = f > 0`` it is 1 until the last ``f * steps`` steps, then falls linearly:
         ``(steps - step) / (f * steps)`` for the 0-based step about to be taken, so the last step
         still moves. It depends on the step and the configuration only, so a resumed run continues
-        the same schedule (resuming with more ``steps`` stretches it to the new end)."""
+        the same schedule (resuming with more ``steps`` stretches it to the new end: the rate
+        jumps back up to that point of the new schedule)."""
         decay = (self.config.lr_decay or 0.0) * self.config.steps
-        return min(1.0, (self.config.steps - self.step) / decay) if decay > 0 else 1.0
+        # 0 past the end (``profile`` may step beyond it): a negative rate would climb the loss.
+        return max(0.0, min(1.0, (self.config.steps - self.step) / decay)) if decay > 0 else 1.0
 
     def _drop_metrics_after(self, step: int) -> None:
         # A run resumed from step k continues the log from k: records past k were never
