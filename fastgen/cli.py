@@ -28,7 +28,7 @@ from fastgen.profile import profile_trainer, write_summary
 from fastgen.train import distributed
 from fastgen.train.checkpoint import CheckpointError
 from fastgen.train.config import (ARCHS, CUDA_DEFAULTS, DEFAULTS, DEVICES, LIKELIHOODS, MLP_ACTIVATIONS, MODELS,
-                                  RESUME_OPTIONS, TrainConfig)
+                                  RESUME_OPTIONS, UPSAMPLES, TrainConfig)
 from fastgen.train.factory import CONDITIONAL_MODELS, MNIST_CLASSES, resolve_device
 from fastgen.train.inference import CHECKPOINT_FILE, evaluate, generate, load_run, save_sample_picture
 from fastgen.train.trainer import NonFiniteLossError, Trainer
@@ -115,6 +115,8 @@ _TRAIN_OPTIONS: dict[str, tuple[dict[str, Any], str]] = {
     "depth": ({"type": _positive_int, "metavar": "L"}, "hidden layers of the MLPs"),
     "mapping_layers": ({"type": _positive_int, "metavar": "L"}, "dense layers of the mapping network z -> w"),
     "style_mixing": ({"type": float, "metavar": "P"}, "probability of style mixing per training batch"),
+    "upsample": ({"choices": UPSAMPLES}, "how StyleGAN2's synthesis doubles the resolution: bilinear resize + "
+                 "3x3 conv (StyleGAN2's up layer with its FIR blur) or a 4x4 stride-2 transposed conv (no blur)"),
     "arch": ({"choices": ARCHS}, "encoder/decoder architecture"),
     "mlp_activation": ({"choices": tuple(MLP_ACTIVATIONS)},
                        "hidden activation of the mlp arch (the conv arch's fused blocks keep LeakyReLU / ReLU)"),

@@ -104,15 +104,42 @@ def test_truncation_applies_to_the_mixed_latent_too():
     torch.testing.assert_close(mixed, expected)
 
 
-def test_upsampling_layers_keep_the_signal_scale():
-    """An up layer (4x4 stride-2 transposed conv, 4 of 16 taps per output pixel) has the output
-    scale of a 3x3 layer: demodulation alone would halve it (StyleGAN2's FIR filter has gain 4)."""
+def test_transposed_upsampling_keeps_the_signal_scale():
+    """A transposed up layer (4x4 stride-2, 4 of 16 taps per output pixel) has the output scale
+    of a 3x3 layer: demodulation alone would halve it (StyleGAN2's FIR filter has gain 4)."""
     from fastgen.models.stylegan import _ModulatedLayer
 
     torch.manual_seed(0)
     x, w = torch.randn(8, 64, 8, 8), torch.zeros(8, 4)  # w = 0: styles = the affine's bias, 1
-    stds = {up: _ModulatedLayer(4, 64, 64, up=up)(x, w, "none").std().item() for up in (1, 2)}
+    layers = {up: _ModulatedLayer(4, 64, 64, up=up, upsample="transposed") for up in (1, 2)}
+    assert layers[2].weight.shape[-1] == 4
+    stds = {up: layer(x, w, "none").std().item() for up, layer in layers.items()}
     assert stds[2] == pytest.approx(stds[1], rel=0.1), stds
+
+
+def test_bilinear_upsampling_is_stylegan2s_filtered_transposed_conv():
+    """The bilinear up layer is the 3x3 layer on the 2x bilinear resize of its input, and, inside
+    a 2-pixel border (bilinear clamps, upfirdn pads with zeros), StyleGAN2's up layer: a 3x3
+    stride-2 transposed conv (zero insertion, then the conv), then the FIR blur [1, 3, 3, 1] (gain 4)."""
+    from fastgen.models.stylegan import _ModulatedLayer
+
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 5, 6, 7), torch.randn(2, 4)
+    up = _ModulatedLayer(4, 5, 3, up=2)
+    plain = _ModulatedLayer(4, 5, 3)
+    plain.load_state_dict(up.state_dict())
+    resized = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(up(x, w, "none"), plain(resized, w, "none"))
+
+    # The linear part alone (one weight, no styles): bilinear + conv vs transposed conv + FIR blur.
+    weight = torch.randn(3, 5, 3, 3)
+    ours = F.conv2d(resized, weight, padding=1)
+    zeros = torch.zeros(2, 5, 12, 14)
+    zeros[..., ::2, ::2] = x
+    taps = torch.tensor([1.0, 3.0, 3.0, 1.0]) / 4  # per axis, sum 2: sum 4 in 2D fills the zeros
+    blur = (taps[:, None] * taps[None, :]).expand(3, 1, 4, 4)
+    stylegan2 = F.conv2d(F.pad(F.conv2d(zeros, weight, padding=1), (2, 1, 2, 1)), blur, groups=3)
+    torch.testing.assert_close(ours[..., 2:-2, 2:-2], stylegan2[..., 2:-2, 2:-2])
 
 
 def test_equalized_learning_rate_scales_weights_at_run_time():
@@ -161,6 +188,7 @@ def test_minibatch_stddev_known_answer():
     (lambda g, d: d(torch.randn(2, 1, 32, 32)), "x: expected shape"),
     (lambda g, d: StyleGAN2Generator(8, 1, 24), "image_size"),
     (lambda g, d: StyleGAN2Generator(8, style_mixing=1.5), "style_mixing"),
+    (lambda g, d: StyleGAN2Generator(8, upsample="nearest"), "upsample: expected one of bilinear, transposed"),
     (lambda g, d: EqualLinear(4, 4, activation="tanh"), "activation"),
 ])
 def test_bad_input_is_refused(call, match):
@@ -221,6 +249,21 @@ def test_training_moves_and_resumes_bit_exactly(tmp_path, image_dir, model):
         assert generator.w_avg.abs().sum() > 0
     else:
         assert all(r["ortho"] > 0 for r in records)
+
+
+def test_a_run_from_before_the_upsample_option_rebuilds_its_transposed_convs(tmp_path):
+    """A config.json / checkpoint without the key rebuilds the 4x4 transposed up-convs it trained;
+    today's default is the bilinear resize and 3x3 conv."""
+    from fastgen.train.factory import build_models
+
+    def up_kernel(values):
+        generator = build_models(TrainConfig.from_dict(values), torch.device("cpu"))["generator"]
+        return generator.convs[1].weight.shape[-1]
+
+    values = _config("stylegan", tmp_path, None).to_dict()
+    assert values["upsample"] == "bilinear" and up_kernel(values) == 3
+    del values["upsample"]
+    assert up_kernel(values) == 4
 
 
 def test_lazy_r1_is_weighted_by_its_interval(tmp_path, image_dir):

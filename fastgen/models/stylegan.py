@@ -8,8 +8,9 @@ Generator, ``z -> w -> image``:
   ``w_avg``, a buffer, tracks the mean ``w`` in training (``w_avg <- lerp(mean w, w_avg, 0.995)``);
 - truncation at sampling: ``w <- w_avg + psi (w - w_avg)``;
 - synthesis network: a learned constant 4x4 input and a 3x3 modulated conv at 4x4, then per
-  doubling of the resolution a 4x4 stride-2 modulated transposed conv (up-sampling H -> 2H; without
-  StyleGAN2's FIR blur, which the op leaves out) and a 3x3 modulated conv, each with per-pixel noise
+  doubling of the resolution an up-sampling layer (a bilinear 2x resize and a 3x3 modulated conv:
+  StyleGAN2's transposed conv and FIR blur in the other order, see :data:`UPSAMPLES`) and a 3x3
+  modulated conv, each with per-pixel noise
   (a learned strength), bias and leaky ReLU 0.2 with gain sqrt(2); a 1x1 toRGB (modulated, not
   demodulated) per resolution, whose outputs sum through bilinear up-sampling (StyleGAN2's skip
   generator). No output activation: images are unbounded around [-1, 1];
@@ -45,10 +46,18 @@ from fastgen import functional
 from fastgen.models.gan import _check_labels, _check_positive, _num_stages
 
 __all__ = ["StyleGAN2Generator", "StyleGAN2Discriminator", "EqualLinear", "EqualConv2d", "minibatch_stddev",
-           "NOISE_MODES"]
+           "NOISE_MODES", "UPSAMPLES"]
 
 #: ``noise_mode`` of the generator: fresh per-pixel noise, or none (a deterministic image of w).
 NOISE_MODES = ("random", "none")
+#: ``upsample`` of the generator, how a synthesis block doubles the resolution. "bilinear": a 2x
+#: bilinear resize, then the block's 3x3 modulated conv. Bilinear 2x (half-pixel centers) is
+#: zero insertion filtered by [1, 3, 3, 1] / 4 per axis, and the two linear filters commute, so up to
+#: the border this is StyleGAN2's up layer (a 3x3 stride-2 transposed conv, then the FIR blur
+#: [1, 3, 3, 1]) with the conv after the blur. "transposed": a 4x4 stride-2 modulated transposed
+#: conv (the op's ``up=2``) without the blur, whose output carries a 2-pixel checkerboard; the
+#: runs before the option used it.
+UPSAMPLES = ("bilinear", "transposed")
 # Leaky ReLU with StyleGAN's gain: sqrt(2) keeps the activations' second moment.
 _SLOPE, _ACT_GAIN = 0.2, math.sqrt(2.0)
 # The widest layer is this many times the full-resolution width.
@@ -129,14 +138,17 @@ class _ModulatedLayer(nn.Module):
     """One synthesis layer: style affine ``w -> styles`` and a modulated conv.
 
     Conv layers (``to_rgb=False``): demodulated, per-pixel noise with a learned strength, bias,
-    leaky ReLU with gain sqrt(2); ``up=2`` is a 4x4 stride-2 transposed conv (padding 1: H -> 2H),
-    otherwise a 3x3 conv (padding 1). toRGB (``to_rgb=True``): a 1x1 conv, not demodulated, with
-    bias, linear; its equalized-lr gain scales the styles (cheaper than the weight, same product).
+    leaky ReLU with gain sqrt(2), a 3x3 conv (padding 1). ``up=2`` doubles the resolution first, as
+    ``upsample`` says (see :data:`UPSAMPLES`). toRGB (``to_rgb=True``): a 1x1 conv, not
+    demodulated, with bias, linear; its equalized-lr gain scales the styles (cheaper than the
+    weight, same product).
     """
 
-    def __init__(self, w_dim: int, in_channels: int, out_channels: int, *, up: int = 1, to_rgb: bool = False) -> None:
+    def __init__(self, w_dim: int, in_channels: int, out_channels: int, *, up: int = 1, to_rgb: bool = False,
+                 upsample: str = "bilinear") -> None:
         super().__init__()
-        kernel_size = 1 if to_rgb else (4 if up == 2 else 3)
+        self.transposed = up == 2 and upsample == "transposed"
+        kernel_size = 1 if to_rgb else (4 if self.transposed else 3)
         self.up, self.to_rgb = up, to_rgb
         self.padding = 0 if to_rgb else 1
         self.style_gain = 1.0 / math.sqrt(in_channels * kernel_size ** 2) if to_rgb else 1.0
@@ -149,19 +161,22 @@ class _ModulatedLayer(nn.Module):
         styles = self.affine(w) * self.style_gain
         if self.to_rgb:
             return functional.modulated_conv2d(x, self.weight, styles, demodulate=False, bias=self.bias)
+        if self.up == 2 and not self.transposed:
+            # Modulation scales input channels, so it commutes with the (per-channel) resize.
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
         noise = None
         if noise_mode == "random":
-            size = x.shape[-1] * self.up
+            size = x.shape[-1] * (2 if self.transposed else 1)
             noise = torch.randn(x.shape[0], 1, size, size, device=x.device, dtype=x.dtype)
         # A stride-2 4x4 transposed conv meets 4 of its 16 taps per output pixel, so its
         # demodulated output (normalized over all 16) has half the unit std; StyleGAN2's FIR
         # filter after it (gain up^2) restores it. Without the filter, x2 through leaky ReLU's
         # positive homogeneity: act(2y + s*n + b) * g = act(y + s/2*n + b/2) * 2g.
-        scale = float(self.up)
+        scale = 2.0 if self.transposed else 1.0
         strength = self.noise_strength / scale if noise is not None else None
         return functional.modulated_conv2d(
-            x, self.weight, styles, padding=self.padding, up=self.up, noise=noise,
-            noise_strength=strength, bias=self.bias / scale if self.up > 1 else self.bias,
+            x, self.weight, styles, padding=self.padding, up=2 if self.transposed else 1, noise=noise,
+            noise_strength=strength, bias=self.bias / scale if self.transposed else self.bias,
             activation="leaky_relu", negative_slope=_SLOPE, gain=_ACT_GAIN * scale)
 
 
@@ -178,6 +193,7 @@ class StyleGAN2Generator(nn.Module):
         lr_mul: learning-rate multiplier of the mapping network.
         style_mixing: probability of style mixing per training batch, in [0, 1].
         w_avg_beta: decay of the ``w_avg`` running mean.
+        upsample: how a block doubles the resolution, one of :data:`UPSAMPLES`.
 
     Attributes: ``latent_size``, ``num_classes`` (0), ``num_ws`` (the per-layer ws the synthesis reads),
     buffer ``w_avg`` ``(latent_size,)`` float32.
@@ -185,7 +201,7 @@ class StyleGAN2Generator(nn.Module):
 
     def __init__(self, latent_size: int = 64, channels: int = 1, image_size: int = 32, width: int = 16, *,
                  mapping_layers: int = 4, lr_mul: float = 0.01, style_mixing: float = 0.9,
-                 w_avg_beta: float = 0.995) -> None:
+                 w_avg_beta: float = 0.995, upsample: str = "bilinear") -> None:
         super().__init__()
         stages = _num_stages(image_size)
         self.latent_size = w_dim = _check_positive("latent_size", latent_size)
@@ -196,7 +212,9 @@ class StyleGAN2Generator(nn.Module):
             raise ValueError(f"style_mixing: expected a probability in [0, 1], got {style_mixing!r}")
         if not 0.0 <= w_avg_beta < 1.0:
             raise ValueError(f"w_avg_beta: expected a number in [0, 1), got {w_avg_beta!r}")
-        self.style_mixing, self.w_avg_beta = style_mixing, w_avg_beta
+        if upsample not in UPSAMPLES:
+            raise ValueError(f"upsample: expected one of {', '.join(UPSAMPLES)}, got {upsample!r}")
+        self.style_mixing, self.w_avg_beta, self.upsample = style_mixing, w_avg_beta, upsample
         self.mapping_net = nn.Sequential(*[
             EqualLinear(w_dim, w_dim, activation="leaky_relu", lr_mul=lr_mul)
             for _ in range(_check_positive("mapping_layers", mapping_layers))])
@@ -208,7 +226,8 @@ class StyleGAN2Generator(nn.Module):
         self.rgbs = nn.ModuleList([_ModulatedLayer(w_dim, hidden, channels, to_rgb=True)])
         for stage in range(1, stages + 1):
             out = _channels(width, image_size, 4 * 2 ** stage)
-            self.convs.extend([_ModulatedLayer(w_dim, hidden, out, up=2), _ModulatedLayer(w_dim, out, out)])
+            self.convs.extend([_ModulatedLayer(w_dim, hidden, out, up=2, upsample=upsample),
+                               _ModulatedLayer(w_dim, out, out)])
             self.rgbs.append(_ModulatedLayer(w_dim, out, channels, to_rgb=True))
             hidden = out
         self.num_ws = len(self.convs) + 1

@@ -19,6 +19,7 @@ from fastgen.data import MIXTURE2D_NAMES
 from fastgen.models.ae import ARCHS, LIKELIHOODS, MLP_ACTIVATIONS
 from fastgen.models.gan import CONDITIONINGS
 from fastgen.models.losses import GAN_LOSSES
+from fastgen.models.stylegan import UPSAMPLES
 
 __all__ = ["MODELS", "TrainConfig", "RESUME_OPTIONS", "RECORDED", "CUDA_DEFAULTS"]
 
@@ -35,7 +36,7 @@ _GAN = dict(_RUN, data_dir=None, image_size=32, steps=2500, batch_size=64, width
 # StyleGAN2-small: StyleGAN2's objective (non-saturating, lazy R1 every 16 steps, Adam lr 0.0025
 # with betas (0, 0.99)) at a width that trains on a CPU: about 0.3 s of CPU time per step.
 _STYLEGAN = dict(_RUN, data_dir=None, image_size=32, steps=2000, batch_size=32, width=8, latent_size=64,
-                 mapping_layers=4, style_mixing=0.9, loss="non_saturating", label_smoothing=0.0, n_critic=1,
+                 mapping_layers=4, style_mixing=0.9, upsample="bilinear", loss="non_saturating", label_smoothing=0.0, n_critic=1,
                  gp_weight=10.0, r1_gamma=0.1, r1_every=16, lr_g=2.5e-3, lr_d=2.5e-3, beta1=0.0, beta2=0.99,
                  ema=0.999, sample_every=500, checkpoint_every=500)
 # BigGAN-small: hinge loss, spectral norm in G and D, orthogonal regularization of G, Adam betas
@@ -116,6 +117,7 @@ class TrainConfig:
     depth: int | None = None
     mapping_layers: int | None = None  # stylegan
     style_mixing: float | None = None  # stylegan: probability per batch
+    upsample: str | None = None  # stylegan (None: a run from before the option, "transposed")
     conditioning: str | None = None
     spectral_norm: bool | None = None
     arch: str | None = None
@@ -190,6 +192,7 @@ class TrainConfig:
         _choice(self, "conditioning", CONDITIONINGS[1:])
         _choice(self, "arch", ARCHS)
         _choice(self, "mlp_activation", tuple(MLP_ACTIVATIONS))
+        _choice(self, "upsample", UPSAMPLES)
         _choice(self, "likelihood", LIKELIHOODS)
         _choice(self, "image_size", (28, 32, 64) if self.model in ("ae", "vae") else (32, 64))
         for name in ("compile", "cuda_graphs", "sync_bn"):

@@ -102,7 +102,9 @@ def build_models(config: TrainConfig, device: torch.device) -> dict[str, nn.Modu
                              f"got {local_batch}")
         models = {"generator": StyleGAN2Generator(config.latent_size, MNIST_CHANNELS, config.image_size, config.width,
                                                   mapping_layers=config.mapping_layers,
-                                                  style_mixing=config.style_mixing),
+                                                  style_mixing=config.style_mixing,
+                                                  # A run from before the option used the transposed conv.
+                                                  upsample=config.upsample or "transposed"),
                   "discriminator": discriminator}
     elif config.model == "biggan":
         models = {"generator": BigGANGenerator(config.latent_size, MNIST_CLASSES, MNIST_CHANNELS, config.image_size,
