@@ -45,10 +45,12 @@ T = TypeVar("T")
 C = TypeVar("C", bound=Hashable)
 
 
-# The most shared memory one block may use (the opt-in maximum), by compute capability.
+# The most shared memory one block may use (the opt-in maximum), by compute capability; an SM
+# has 1 KB more, which the driver reserves per resident block.
 SHARED_MEMORY_PER_BLOCK = {(8, 0): 163 * 1024, (8, 6): 99 * 1024, (8, 7): 163 * 1024,
                            (8, 9): 99 * 1024, (9, 0): 227 * 1024, (10, 0): 227 * 1024,
                            (12, 0): 99 * 1024}
+_RESERVED_PER_BLOCK = 1024
 
 
 def batch_bucket(n: int) -> int:
@@ -87,6 +89,14 @@ class TileConfig:
         GPU missing from SHARED_MEMORY_PER_BLOCK: a failing launch then drops out when timed)."""
         limit = SHARED_MEMORY_PER_BLOCK.get(tuple(capability))
         return limit is None or self.shared_bytes(itemsize, capability, operand_tiles) <= limit
+
+    def fits_twice(self, itemsize: int, capability: tuple[int, int],
+                   operand_tiles: tuple[int, int] = (1, 1)) -> bool:
+        """Whether two blocks' operand buffers fit one SM's shared memory (False for a GPU missing
+        from SHARED_MEMORY_PER_BLOCK)."""
+        limit = SHARED_MEMORY_PER_BLOCK.get(tuple(capability))
+        per_block = self.shared_bytes(itemsize, capability, operand_tiles) + _RESERVED_PER_BLOCK
+        return limit is not None and 2 * per_block <= limit + _RESERVED_PER_BLOCK
 
 
 class NoCandidateError(RuntimeError):
@@ -130,6 +140,14 @@ class Tuner(Generic[C]):
         """The candidates on ``device``: the interpreter's on the CPU; on CUDA every candidate
         except the tiles whose operands of ``dtype`` cannot fit the GPU's shared memory.
 
+        Before sm_90, where :meth:`TileConfig.shared_bytes` is exact, the first candidate whose
+        buffers leave room for a second block per SM goes first (the untimed default) when the
+        first does not: one block of 4 warps per SM leaves its latencies unhidden. (The compile
+        report found sm_80's fp32 / TF32 defaults of the GEMMs that load two A tiles per step,
+        input gradients through BN and modulated convs, at 96 KB: one block per SM; 64x64 tiles
+        take 56 KB.) On sm_90 the estimate is an upper bound, and the report finds every default
+        at two blocks or more.
+
         Args:
             dtype: the GEMM operands' dtype; None keeps every candidate.
             capability: the GPU's compute capability; None asks ``device``.
@@ -142,8 +160,14 @@ class Tuner(Generic[C]):
         if capability is None:
             capability = torch.cuda.get_device_capability(device)
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return tuple(c for c in self.candidates
-                     if not isinstance(c, TileConfig) or c.fits(itemsize, capability, operand_tiles))
+        kept = [c for c in self.candidates
+                if not isinstance(c, TileConfig) or c.fits(itemsize, capability, operand_tiles)]
+        if tuple(capability) < (9, 0) and kept and isinstance(kept[0], TileConfig):
+            two_blocks = [c for c in kept if c.fits_twice(itemsize, capability, operand_tiles)]
+            if two_blocks and two_blocks[0] is not kept[0]:
+                kept.remove(two_blocks[0])
+                kept.insert(0, two_blocks[0])
+        return tuple(kept)
 
     def choose(self, key: Hashable, device: torch.device, fit: Callable[[C], C],
                launch: Callable[[C], object], dtype: torch.dtype | None = None,

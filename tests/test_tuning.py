@@ -187,20 +187,37 @@ def test_operands_loaded_twice_per_step_take_twice_the_buffers():
     tuner = Tuner("test kernel", [BIG, A], interpreter=INTERPRETER)
     assert BIG.shared_bytes(4, (8, 0), (2, 1)) == (2 * (2 * 128 * 64 + 64 * 128) + 128 * 64) * 4
     assert TileConfig(256, 64, 32, 8).shared_bytes(4, (8, 0), (2, 1)) > 163 * 1024
-    assert tuner.candidates_for(CUDA, torch.float32, (8, 0)) == (BIG, A)
+    assert set(tuner.candidates_for(CUDA, torch.float32, (8, 0))) == {BIG, A}
     assert tuner.candidates_for(CUDA, torch.float32, (8, 0), (2, 1)) == (A,)
 
 
 @pytest.mark.parametrize("dtype, capability, kept", [
-    (torch.float32, (9, 0), [BIG, A]), (torch.float32, (8, 0), [BIG, A]), (torch.float32, (8, 6), [A]),
-    (torch.bfloat16, (8, 6), [BIG, A]), (torch.float32, (7, 2), [BIG, A]), (None, (8, 6), [BIG, A])])
+    (torch.float32, (9, 0), [BIG, A]), (torch.float32, (8, 0), [A, BIG]), (torch.float32, (8, 6), [A]),
+    (torch.bfloat16, (8, 6), [A, BIG]), (torch.float32, (7, 2), [BIG, A]), (None, (8, 6), [BIG, A])])
 def test_tiles_that_cannot_fit_shared_memory_are_left_out(dtype, capability, kept):
     """Statically, per GPU and dtype: BIG's 3 stages of fp32 operands (2 before sm_90) fit an H100
     block (227 KB) and an A100's (163 KB), not an RTX 3090's (99 KB); an unknown GPU, or no dtype,
-    keeps every candidate (a failing launch drops out when timed)."""
+    keeps every candidate (a failing launch drops out when timed). Before sm_90, A (room for two
+    blocks per SM, BIG not) goes first."""
     tuner = Tuner("test kernel", [BIG, A], interpreter=INTERPRETER)
     assert list(tuner.candidates_for(CUDA, dtype, capability)) == kept
     assert tuner.candidates_for(torch.device("cpu"), dtype, capability) == (INTERPRETER,)
+
+
+def test_before_sm90_the_default_leaves_room_for_a_second_block():
+    """sm_80, fp32, two A tiles per step (an input gradient through BN, a modulated conv): the
+    first candidate's 96 KB allow one block per SM, so the 64x64 tile (56 KB) becomes the untimed
+    default, the rest keep their order. One A tile (48 KB), bf16, or sm_90 (where the estimate
+    is only an upper bound): the order stays."""
+    wide, small = TileConfig(128, 64, 32), TileConfig(64, 64, 32)
+    tuner = Tuner("test kernel", [wide, BIG, small], interpreter=INTERPRETER)
+    assert wide.shared_bytes(4, (8, 0), (2, 1)) == 96 * 1024 and not wide.fits_twice(4, (8, 0), (2, 1))
+    assert small.shared_bytes(4, (8, 0), (2, 1)) == 56 * 1024 and small.fits_twice(4, (8, 0), (2, 1))
+    assert tuner.candidates_for(CUDA, torch.float32, (8, 0), (2, 1)) == (small, wide)
+    for dtype, capability, tiles in [(torch.float32, (8, 0), (1, 1)), (torch.bfloat16, (8, 0), (2, 1)),
+                                     (torch.float32, (9, 0), (2, 1))]:
+        assert tuner.candidates_for(CUDA, dtype, capability, tiles)[0] == wide
+    assert not small.fits_twice(4, (7, 2), (1, 1))  # unknown GPU: no claim
 
 
 def test_no_tile_that_fits_is_a_clear_error(monkeypatch, tuning_on):
