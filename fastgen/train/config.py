@@ -40,9 +40,10 @@ _STYLEGAN = dict(_RUN, data_dir=None, image_size=32, steps=2000, batch_size=32, 
                  gp_weight=10.0, r1_gamma=0.1, r1_every=16, lr_g=2.5e-3, lr_d=2.5e-3, beta1=0.0, beta2=0.99,
                  ema=0.999, sample_every=500, checkpoint_every=500)
 # BigGAN-small: hinge loss, spectral norm in G and D, orthogonal regularization of G, Adam betas
-# (0, 0.999) as BigGAN; width 16 and batch 32 for a CPU: about 0.3 s of CPU time per step.
+# (0, 0.999) as BigGAN; width 16 and batch 32 for a CPU: about 0.38 s of CPU time per step. Adam
+# 5e-4 draws every class by step 1,500 (2e-4: blobs until about 2,500; README, NOTES).
 _BIGGAN = dict(_GAN, batch_size=32, width=16, latent_size=64, loss="hinge", spectral_norm=True, ortho_reg=1e-4,
-               lr_g=2e-4, lr_d=2e-4, beta1=0.0, beta2=0.999)
+               lr_g=5e-4, lr_d=5e-4, beta1=0.0, beta2=0.999)
 # AE and VAE: the MLP on 28x28 Fashion-MNIST; the VAE's defaults as measured in the README.
 _AUTOENCODER = dict(_RUN, data_dir=None, image_size=28, steps=3000, batch_size=128, latent_size=16, arch="mlp",
                     mlp_activation="relu", likelihood="bernoulli", hidden=None, lr=1e-3, beta1=0.9, beta2=0.999,
