@@ -116,7 +116,8 @@ _TRAIN_OPTIONS: dict[str, tuple[dict[str, Any], str]] = {
     "mapping_layers": ({"type": _positive_int, "metavar": "L"}, "dense layers of the mapping network z -> w"),
     "style_mixing": ({"type": float, "metavar": "P"}, "probability of style mixing per training batch"),
     "upsample": ({"choices": UPSAMPLES}, "how StyleGAN2's synthesis doubles the resolution: bilinear resize + "
-                 "3x3 conv (StyleGAN2's up layer with its FIR blur) or a 4x4 stride-2 transposed conv (no blur)"),
+                 "3x3 conv (StyleGAN2's up layer with its FIR blur, inside a 2-pixel border) or a 4x4 "
+                 "stride-2 transposed conv (no blur)"),
     "arch": ({"choices": ARCHS}, "encoder/decoder architecture"),
     "mlp_activation": ({"choices": tuple(MLP_ACTIVATIONS)},
                        "hidden activation of the mlp arch (the conv arch's fused blocks keep LeakyReLU / ReLU)"),

@@ -21,7 +21,8 @@ Policy (:func:`tuning_enabled`):
 - on CUDA the candidates are timed the first time a key is seen, unless ``FASTGEN_AUTOTUNE=0``,
   PyTorch's deterministic mode (``torch.use_deterministic_algorithms`` or
   ``torch.backends.cudnn.deterministic``) is on, or a CUDA graph is being captured; then a key
-  already timed keeps its choice and a new one takes the first candidate that fits, untimed.
+  already timed keeps its choice and a new one takes the first of :meth:`Tuner.candidates_for`
+  (before sm_90, the first with room for two blocks per SM), untimed.
   Timing may pick differently in two processes, as ``cudnn.benchmark`` may: two tile configs
   sum in different orders, and the "cudnn-gemm" conv implementation runs cuDNN's backward,
   which may use atomics. With tuning off, the fused kernels with their default tiles run, and
@@ -76,8 +77,10 @@ class TileConfig:
         m x k and k x n tiles of ``itemsize`` bytes (2 where an operand is computed from two
         loaded tensors, as dL/dy from dL/dout and y; the computed tile then passes through shared
         memory once more on its way to the MMA). Triton keeps ``num_stages`` buffers on sm_90 and
-        later, ``num_stages - 1`` before; the epilogue reuses the same memory. Exact on sm_80 in
-        the compile report, an upper bound on sm_90a."""
+        later, ``num_stages - 1`` before; the epilogue reuses the same memory. Against the sm_80
+        compile report: from about 3 KB under (the kernel's static shared memory) to 16 KB over
+        (the per-sample scales of a modulated GEMM in 2-byte dtypes or TF32, which need no buffer
+        of their own); an upper bound on sm_90a."""
         buffers = self.num_stages if capability >= (9, 0) else max(1, self.num_stages - 1)
         a_tiles, b_tiles = operand_tiles
         a, b = self.m * self.k, self.k * self.n
@@ -93,7 +96,8 @@ class TileConfig:
     def fits_twice(self, itemsize: int, capability: tuple[int, int],
                    operand_tiles: tuple[int, int] = (1, 1)) -> bool:
         """Whether two blocks' operand buffers fit one SM's shared memory (False for a GPU missing
-        from SHARED_MEMORY_PER_BLOCK)."""
+        from SHARED_MEMORY_PER_BLOCK). Registers are not counted: a tile of 8 warps above 128
+        registers a thread stays at one block whatever this says."""
         limit = SHARED_MEMORY_PER_BLOCK.get(tuple(capability))
         per_block = self.shared_bytes(itemsize, capability, operand_tiles) + _RESERVED_PER_BLOCK
         return limit is not None and 2 * per_block <= limit + _RESERVED_PER_BLOCK
@@ -123,7 +127,8 @@ class Tuner(Generic[C]):
 
     Args:
         name: the kernel's or op's name, for error messages.
-        candidates: what to time on CUDA, the untimed default first.
+        candidates: what to time on CUDA, in order of preference for the untimed default
+            (:meth:`candidates_for` may move one forward before sm_90).
         interpreter: the candidate for CPU tensors (the Triton interpreter), fitted like the others.
     """
 
@@ -140,13 +145,14 @@ class Tuner(Generic[C]):
         """The candidates on ``device``: the interpreter's on the CPU; on CUDA every candidate
         except the tiles whose operands of ``dtype`` cannot fit the GPU's shared memory.
 
-        Before sm_90, where :meth:`TileConfig.shared_bytes` is exact, the first candidate whose
-        buffers leave room for a second block per SM goes first (the untimed default) when the
-        first does not: one block of 4 warps per SM leaves its latencies unhidden. (The compile
-        report found sm_80's fp32 / TF32 defaults of the GEMMs that load two A tiles per step,
-        input gradients through BN and modulated convs, at 96 KB: one block per SM; 64x64 tiles
-        take 56 KB.) On sm_90 the estimate is an upper bound, and the report finds every default
-        at two blocks or more.
+        Before sm_90, where :meth:`TileConfig.shared_bytes` is close, the first candidate whose
+        buffers leave room for a second block per SM (:meth:`TileConfig.fits_twice`) goes first,
+        as the untimed default, when the first does not: one block of 4 warps per SM leaves its
+        latencies unhidden. (The compile report found sm_80's fp32 / TF32 defaults of the GEMMs
+        that load two A tiles per step, input gradients through BN and modulated convs, at 96 KB:
+        one block per SM; 64x64 tiles take 56 KB.) From sm_90 on the estimate is an upper bound
+        and the order stays; the sm_90a report finds every default at two blocks or more (sm_100
+        and sm_120 have no report).
 
         Args:
             dtype: the GEMM operands' dtype; None keeps every candidate.
@@ -163,7 +169,8 @@ class Tuner(Generic[C]):
         kept = [c for c in self.candidates
                 if not isinstance(c, TileConfig) or c.fits(itemsize, capability, operand_tiles)]
         if tuple(capability) < (9, 0) and kept and isinstance(kept[0], TileConfig):
-            two_blocks = [c for c in kept if c.fits_twice(itemsize, capability, operand_tiles)]
+            two_blocks = [c for c in kept
+                          if isinstance(c, TileConfig) and c.fits_twice(itemsize, capability, operand_tiles)]
             if two_blocks and two_blocks[0] is not kept[0]:
                 kept.remove(two_blocks[0])
                 kept.insert(0, two_blocks[0])

@@ -91,7 +91,8 @@ from ._tuning import TileConfig, Tuner, batch_bucket
 # _activate and _activate_backward below implement each code.
 
 # GEMM tiles (kernels/_tuning.py): on CUDA the candidates that fit a shape are timed once and the
-# fastest kept; the first is the untimed default. Few candidates: each costs a compile per shape
+# fastest kept; the first is the untimed default (before sm_90, the first with room for two
+# blocks per SM: Tuner.candidates_for). Few candidates: each costs a compile per shape
 # and kernel variant. The conv GEMM's (m, n, k) are (pixels, output channels, input channels per
 # tap); the weight gradient's (m, n, k) are (C_g, C_d, pixels).
 # The interpreter pays per operation, not per element: large tiles keep the CPU tests fast.

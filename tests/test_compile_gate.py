@@ -4,7 +4,8 @@ Compiles the CI subset of benchmarks/compile_report.py (default tiles, every tun
 one variant per GEMM kernel and dtype, one misaligned launch per kernel) for sm_90a and sm_80 and
 fails on a specialization that does not compile, spills registers to local memory or needs more
 shared memory than a block may have; bf16 conv GEMMs must use tensor cores (wgmma on sm_90a,
-mma on sm_80) fed by asynchronous copies (cp.async or TMA). A few minutes on 2 cores.
+mma on sm_80) fed by asynchronous copies (cp.async or TMA), and every default GEMM tile must
+leave room for 2 CTAs per SM. A few minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -65,9 +66,9 @@ def test_half_precision_conv_gemms_use_tensor_cores_and_async_copies(report):
 
 
 def test_default_tiles_keep_two_ctas_per_sm(report):
-    """The tiles an untuned launch runs, in every dtype, leave room for a second CTA per SM
+    """The tiles an untuned launch runs, in fp32, TF32 and bf16 (the CI subset's), leave room for a second CTA per SM
     (registers and shared memory), so one CTA's epilogue overlaps another's main loop."""
     target, rows = report
     defaults = [r for r in rows if r["kernel"] in GEMM_KERNELS and r["default"] and r["aligned"] and r["compiled"]]
-    assert {r["dtype"] for r in defaults} == {"fp32", "tf32", "bf16"}
+    assert {r["dtype"] for r in defaults} >= {"fp32", "tf32", "bf16"}
     assert not [f"{_name(r)}: {r['ctas_per_sm']}" for r in defaults if r["ctas_per_sm"] < 2], target

@@ -141,6 +141,11 @@ def test_bilinear_upsampling_is_stylegan2s_filtered_transposed_conv():
     stylegan2 = F.conv2d(F.pad(F.conv2d(zeros, weight, padding=1), (2, 1, 2, 1)), blur, groups=3)
     torch.testing.assert_close(ours[..., 2:-2, 2:-2], stylegan2[..., 2:-2, 2:-2])
 
+    # The smoothing costs scale on white input, as in StyleGAN2: about 2/3 of a 3x3 layer's.
+    x, w = torch.randn(8, 64, 8, 8), torch.zeros(8, 4)
+    stds = [layer(x, w, "none").std().item() for layer in (_ModulatedLayer(4, 64, 64, up=2), _ModulatedLayer(4, 64, 64))]
+    assert 0.55 < stds[0] / stds[1] < 0.8, stds
+
 
 def test_equalized_learning_rate_scales_weights_at_run_time():
     torch.manual_seed(0)
@@ -222,14 +227,16 @@ def test_a_batch_the_stddev_groups_cannot_split_is_refused_before_training(batch
         assert {"generator", "discriminator"} <= set(build_models(config, torch.device("cpu")))
 
 
-@pytest.mark.parametrize("model", ["stylegan", "biggan"])
-def test_training_moves_and_resumes_bit_exactly(tmp_path, image_dir, model):
+@pytest.mark.parametrize("model,options", [("stylegan", {}), ("stylegan", {"upsample": "transposed"}),
+                                           ("biggan", {})])
+def test_training_moves_and_resumes_bit_exactly(tmp_path, image_dir, model, options):
     """6 steps straight vs 3 steps, a resume in a fresh trainer, 3 more: the same losses, weights
-    (EMA and w_avg included), optimizer states, data order and RNG states, bit for bit."""
-    straight = Trainer.create(_config(model, tmp_path / "straight", image_dir, steps=6), progress=False)
+    (EMA and w_avg included), optimizer states, data order and RNG states, bit for bit. StyleGAN2
+    with either up-sampling (runs from before the option resume with the transposed one)."""
+    straight = Trainer.create(_config(model, tmp_path / "straight", image_dir, steps=6, **options), progress=False)
     first = {name: p.detach().clone() for name, p in straight.models["generator"].named_parameters()}
     straight.fit()
-    Trainer.create(_config(model, tmp_path / "split", image_dir, steps=3), progress=False).fit()
+    Trainer.create(_config(model, tmp_path / "split", image_dir, steps=3, **options), progress=False).fit()
     resumed = Trainer.resume(tmp_path / "split", steps=6, progress=False)
     resumed.fit()
     records = read_metrics(tmp_path / "straight")

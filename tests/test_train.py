@@ -270,6 +270,8 @@ def test_resume_refuses_to_change_the_run(tmp_path):
     ("gan2d", dict(lr_decay=-0.1), "lr_decay: expected a fraction"),
     ("ae", dict(hidden=[0]), "hidden"),
     ("gan", dict(compile=1), "compile: expected a bool"),
+    ("stylegan", dict(upsample="nearest"), "upsample: expected one of"),
+    ("gan", dict(upsample="bilinear"), "upsample: not an option of model 'gan'"),
     ("gan3d", {}, "model"),
 ])
 def test_config_errors_name_the_option(model, options, match):

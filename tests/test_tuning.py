@@ -204,20 +204,38 @@ def test_tiles_that_cannot_fit_shared_memory_are_left_out(dtype, capability, kep
     assert tuner.candidates_for(torch.device("cpu"), dtype, capability) == (INTERPRETER,)
 
 
-def test_before_sm90_the_default_leaves_room_for_a_second_block():
+def test_before_sm90_the_default_leaves_room_for_a_second_block(monkeypatch):
     """sm_80, fp32, two A tiles per step (an input gradient through BN, a modulated conv): the
     first candidate's 96 KB allow one block per SM, so the 64x64 tile (56 KB) becomes the untimed
     default, the rest keep their order. One A tile (48 KB), bf16, or sm_90 (where the estimate
     is only an upper bound): the order stays."""
-    wide, small = TileConfig(128, 64, 32), TileConfig(64, 64, 32)
-    tuner = Tuner("test kernel", [wide, BIG, small], interpreter=INTERPRETER)
+    wide, mid, small = TileConfig(128, 64, 32), TileConfig(128, 128, 32, num_warps=8), TileConfig(64, 64, 32)
+    tuner = Tuner("test kernel", [wide, BIG, mid, small], interpreter=INTERPRETER)
     assert wide.shared_bytes(4, (8, 0), (2, 1)) == 96 * 1024 and not wide.fits_twice(4, (8, 0), (2, 1))
     assert small.shared_bytes(4, (8, 0), (2, 1)) == 56 * 1024 and small.fits_twice(4, (8, 0), (2, 1))
-    assert tuner.candidates_for(CUDA, torch.float32, (8, 0), (2, 1)) == (small, wide)
+    assert tuner.candidates_for(CUDA, torch.float32, (8, 0), (2, 1)) == (small, wide, mid)
     for dtype, capability, tiles in [(torch.float32, (8, 0), (1, 1)), (torch.bfloat16, (8, 0), (2, 1)),
                                      (torch.float32, (9, 0), (2, 1))]:
         assert tuner.candidates_for(CUDA, dtype, capability, tiles)[0] == wide
     assert not small.fits_twice(4, (7, 2), (1, 1))  # unknown GPU: no claim
+    # sm_86 (99 KB per block, 100 KB per SM): nothing fits twice, the order stays.
+    assert tuner.candidates_for(CUDA, torch.float32, (8, 6), (2, 1)) == (wide, small)
+    # Exactly two blocks, each with the driver's 1 KB: fits; 1 byte more: does not.
+    two = TileConfig(64, 64, 32, num_stages=2)  # one buffer on sm_80: (64 x 32 + 32 x 64) x 4 B = 16 KB
+    assert two.shared_bytes(4, (8, 0)) == 16 * 1024 and two.fits_twice(4, (8, 0))
+    monkeypatch.setitem(_tuning.SHARED_MEMORY_PER_BLOCK, (8, 0), 2 * 17 * 1024 - 1024)
+    assert two.fits_twice(4, (8, 0))
+    monkeypatch.setitem(_tuning.SHARED_MEMORY_PER_BLOCK, (8, 0), 2 * 17 * 1024 - 1024 - 1)
+    assert not two.fits_twice(4, (8, 0))
+
+
+def test_the_conv_gemm_default_on_an_a100_leaves_room_for_two_blocks():
+    """The real tuner: an fp32 input gradient through BN on sm_80 starts with 64x64x32."""
+    from fastgen.kernels import conv_bn_act as K
+
+    tiles = K.gemm_operand_tiles(True, False, 4)
+    assert K.GEMM_TUNER.candidates_for(CUDA, torch.float32, (8, 0), tiles)[0] == TileConfig(64, 64, 32)
+    assert K.GEMM_TUNER.candidates_for(CUDA, torch.float32, (9, 0), tiles)[0] == K.GEMM_TUNER.candidates[0]
 
 
 def test_no_tile_that_fits_is_a_clear_error(monkeypatch, tuning_on):

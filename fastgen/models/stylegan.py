@@ -10,10 +10,10 @@ Generator, ``z -> w -> image``:
 - synthesis network: a learned constant 4x4 input and a 3x3 modulated conv at 4x4, then per
   doubling of the resolution an up-sampling layer (a bilinear 2x resize and a 3x3 modulated conv:
   StyleGAN2's transposed conv and FIR blur in the other order, see :data:`UPSAMPLES`) and a 3x3
-  modulated conv, each with per-pixel noise
-  (a learned strength), bias and leaky ReLU 0.2 with gain sqrt(2); a 1x1 toRGB (modulated, not
-  demodulated) per resolution, whose outputs sum through bilinear up-sampling (StyleGAN2's skip
-  generator). No output activation: images are unbounded around [-1, 1];
+  modulated conv, each with per-pixel noise (a learned strength), bias and leaky ReLU 0.2 with
+  gain sqrt(2); a 1x1 toRGB (modulated, not demodulated) per resolution, whose outputs sum
+  through bilinear up-sampling (StyleGAN2's skip generator). No output activation: images are
+  unbounded around [-1, 1];
 - style mixing regularization: in training, with probability ``style_mixing`` (0.9), the layers
   from a random cutoff on take the ``w`` of a second latent. The draws come from torch's global RNG,
   so a seeded run repeats exactly.
@@ -56,7 +56,9 @@ NOISE_MODES = ("random", "none")
 #: the border this is StyleGAN2's up layer (a 3x3 stride-2 transposed conv, then the FIR blur
 #: [1, 3, 3, 1]) with the conv after the blur. "transposed": a 4x4 stride-2 modulated transposed
 #: conv (the op's ``up=2``) without the blur, whose output carries a 2-pixel checkerboard; the
-#: runs before the option used it.
+#: runs before the option used it. For white input the resize keeps under half the variance
+#: (0.39 inside the border), so a bilinear up layer starts at about 2/3 of a 3x3 layer's output
+#: scale, as StyleGAN2's blurred up layer does (a test measures it).
 UPSAMPLES = ("bilinear", "transposed")
 # Leaky ReLU with StyleGAN's gain: sqrt(2) keeps the activations' second moment.
 _SLOPE, _ACT_GAIN = 0.2, math.sqrt(2.0)
@@ -196,7 +198,7 @@ class StyleGAN2Generator(nn.Module):
         upsample: how a block doubles the resolution, one of :data:`UPSAMPLES`.
 
     Attributes: ``latent_size``, ``num_classes`` (0), ``num_ws`` (the per-layer ws the synthesis reads),
-    buffer ``w_avg`` ``(latent_size,)`` float32.
+    ``upsample``, buffer ``w_avg`` ``(latent_size,)`` float32.
     """
 
     def __init__(self, latent_size: int = 64, channels: int = 1, image_size: int = 32, width: int = 16, *,

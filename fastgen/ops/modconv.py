@@ -428,7 +428,8 @@ def modulated_conv2d(x: Tensor, weight: Tensor, styles: Tensor, *, demodulate: b
             ``up=2``.
         up: 1 (a conv) or 2 (a stride-2 transposed conv with the per-sample weight transposed to
             ``(C_in, C_out, kH, kW)``, not flipped: ``H_out = 2 * (H - 1) - 2 * padding + kH``).
-            StyleGAN2's FIR blur after the upsampling is not part of the op.
+            StyleGAN2's FIR blur after the upsampling is not part of the op (StyleGAN2-small
+            up-samples by a bilinear resize and ``up=1`` unless told otherwise).
         eps: added to the squared norm before the demodulation's rsqrt.
         noise: ``(B, 1, H_out, W_out)`` (broadcast over channels), or None.
         noise_strength: a 0-dim or ``(1,)`` tensor (typically learned) scaling ``noise``; None:

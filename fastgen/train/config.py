@@ -36,12 +36,14 @@ _GAN = dict(_RUN, data_dir=None, image_size=32, steps=2500, batch_size=64, width
 # StyleGAN2-small: StyleGAN2's objective (non-saturating, lazy R1 every 16 steps, Adam lr 0.0025
 # with betas (0, 0.99)) at a width that trains on a CPU: about 0.3 s of CPU time per step.
 _STYLEGAN = dict(_RUN, data_dir=None, image_size=32, steps=2000, batch_size=32, width=8, latent_size=64,
-                 mapping_layers=4, style_mixing=0.9, upsample="bilinear", loss="non_saturating", label_smoothing=0.0, n_critic=1,
+                 mapping_layers=4, style_mixing=0.9, upsample="bilinear", loss="non_saturating",
+                 label_smoothing=0.0, n_critic=1,
                  gp_weight=10.0, r1_gamma=0.1, r1_every=16, lr_g=2.5e-3, lr_d=2.5e-3, beta1=0.0, beta2=0.99,
                  ema=0.999, sample_every=500, checkpoint_every=500)
 # BigGAN-small: hinge loss, spectral norm in G and D, orthogonal regularization of G, Adam betas
 # (0, 0.999) as BigGAN; width 16 and batch 32 for a CPU: about 0.38 s of CPU time per step. Adam
-# 5e-4 draws every class by step 1,500 (2e-4: blobs until about 2,500; README, NOTES).
+# 5e-4 draws every class by step 1,500 (2e-4: blobs until about 2,500; README, NOTES); CUDA
+# keeps it, unmeasured there.
 _BIGGAN = dict(_GAN, batch_size=32, width=16, latent_size=64, loss="hinge", spectral_norm=True, ortho_reg=1e-4,
                lr_g=5e-4, lr_d=5e-4, beta1=0.0, beta2=0.999)
 # AE and VAE: the MLP on 28x28 Fashion-MNIST; the VAE's defaults as measured in the README.
