@@ -533,10 +533,12 @@ def _read_cubin(cubin: bytes) -> dict:
 
 def occupancy(row: dict, target: Target) -> dict:
     """CTAs per SM that registers, shared memory and threads allow (the occupancy calculator)."""
+    from fastgen.kernels._tuning import RESERVED_SHARED_MEMORY_PER_BLOCK
+
     warps = row["num_warps"]
     regs_per_warp = -(-row["regs"] * 32 // 256) * 256
     by_regs = (target.regs_per_sm // regs_per_warp) // warps
-    by_smem = target.smem_per_sm // (row["shared"] + 1024)
+    by_smem = target.smem_per_sm // (row["shared"] + RESERVED_SHARED_MEMORY_PER_BLOCK)
     by_threads = target.max_threads_per_sm // (32 * warps)
     return {"ctas_by_regs": by_regs, "ctas_by_smem": by_smem,
             "ctas_per_sm": min(by_regs, by_smem, by_threads, target.max_ctas_per_sm),

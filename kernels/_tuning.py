@@ -51,7 +51,7 @@ C = TypeVar("C", bound=Hashable)
 SHARED_MEMORY_PER_BLOCK = {(8, 0): 163 * 1024, (8, 6): 99 * 1024, (8, 7): 163 * 1024,
                            (8, 9): 99 * 1024, (9, 0): 227 * 1024, (10, 0): 227 * 1024,
                            (12, 0): 99 * 1024}
-_RESERVED_PER_BLOCK = 1024
+RESERVED_SHARED_MEMORY_PER_BLOCK = 1024
 
 
 def batch_bucket(n: int) -> int:
@@ -99,8 +99,8 @@ class TileConfig:
         from SHARED_MEMORY_PER_BLOCK). Registers are not counted: a tile of 8 warps above 128
         registers a thread stays at one block whatever this says."""
         limit = SHARED_MEMORY_PER_BLOCK.get(tuple(capability))
-        per_block = self.shared_bytes(itemsize, capability, operand_tiles) + _RESERVED_PER_BLOCK
-        return limit is not None and 2 * per_block <= limit + _RESERVED_PER_BLOCK
+        per_block = self.shared_bytes(itemsize, capability, operand_tiles) + RESERVED_SHARED_MEMORY_PER_BLOCK
+        return limit is not None and 2 * per_block <= limit + RESERVED_SHARED_MEMORY_PER_BLOCK
 
 
 class NoCandidateError(RuntimeError):
@@ -169,11 +169,11 @@ class Tuner(Generic[C]):
         kept = [c for c in self.candidates
                 if not isinstance(c, TileConfig) or c.fits(itemsize, capability, operand_tiles)]
         if tuple(capability) < (9, 0) and kept and isinstance(kept[0], TileConfig):
-            two_blocks = [c for c in kept
-                          if isinstance(c, TileConfig) and c.fits_twice(itemsize, capability, operand_tiles)]
-            if two_blocks and two_blocks[0] is not kept[0]:
-                kept.remove(two_blocks[0])
-                kept.insert(0, two_blocks[0])
+            roomy = next((c for c in kept if isinstance(c, TileConfig)
+                          and c.fits_twice(itemsize, capability, operand_tiles)), None)
+            if roomy is not None:  # moving the first to the front changes nothing
+                kept.remove(roomy)
+                kept.insert(0, roomy)
         return tuple(kept)
 
     def choose(self, key: Hashable, device: torch.device, fit: Callable[[C], C],

@@ -163,21 +163,22 @@ class _ModulatedLayer(nn.Module):
         styles = self.affine(w) * self.style_gain
         if self.to_rgb:
             return functional.modulated_conv2d(x, self.weight, styles, demodulate=False, bias=self.bias)
+        conv_up = 2 if self.transposed else 1
         if self.up == 2 and not self.transposed:
             # Modulation scales input channels, so it commutes with the (per-channel) resize.
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
         noise = None
         if noise_mode == "random":
-            size = x.shape[-1] * (2 if self.transposed else 1)
+            size = x.shape[-1] * conv_up
             noise = torch.randn(x.shape[0], 1, size, size, device=x.device, dtype=x.dtype)
         # A stride-2 4x4 transposed conv meets 4 of its 16 taps per output pixel, so its
         # demodulated output (normalized over all 16) has half the unit std; StyleGAN2's FIR
         # filter after it (gain up^2) restores it. Without the filter, x2 through leaky ReLU's
         # positive homogeneity: act(2y + s*n + b) * g = act(y + s/2*n + b/2) * 2g.
-        scale = 2.0 if self.transposed else 1.0
+        scale = float(conv_up)
         strength = self.noise_strength / scale if noise is not None else None
         return functional.modulated_conv2d(
-            x, self.weight, styles, padding=self.padding, up=2 if self.transposed else 1, noise=noise,
+            x, self.weight, styles, padding=self.padding, up=conv_up, noise=noise,
             noise_strength=strength, bias=self.bias / scale if self.transposed else self.bias,
             activation="leaky_relu", negative_slope=_SLOPE, gain=_ACT_GAIN * scale)
 
